@@ -1,0 +1,91 @@
+"""Engines for SQLite (WAL, one writer) and PostgreSQL (psycopg 3, row locks) behind one API."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
+DEFAULT_POOL_SIZE: Final = 10
+DEFAULT_POOL_OVERFLOW: Final = 20
+POOL_TIMEOUT_SECONDS: Final = 10
+#: Execution option that marks a read-only transaction (plain BEGIN on SQLite).
+READ_ONLY: Final = "tally_read_only"
+
+
+def normalise_url(url: str) -> URL:
+    """Operators paste the URL their database gives them; Tally picks the driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "postgresql+psycopg"):
+        raise ValueError(
+            f"unsupported database {parsed.drivername!r}: use sqlite:///path or postgresql://..."
+        )
+    return parsed
+
+
+@dataclass
+class Database:
+    """An engine plus what a unit of work must know about it."""
+
+    engine: Engine
+    #: SQLite allows one writer; taking this lock in-process spares threads SQLite's
+    #: sleep-and-retry busy handler. Other processes still wait on `busy_timeout`.
+    write_lock: threading.Lock | None
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def connect(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Database:
+    parsed = normalise_url(url)
+    if parsed.drivername == "sqlite":
+        return Database(_sqlite_engine(parsed), threading.Lock())
+    engine = create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=DEFAULT_POOL_OVERFLOW,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+    )
+    return Database(engine, None)
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Let SQLAlchemy's "begin" event decide how each transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged commit survives power loss too (rule 13).
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front, so two writers never both read and then
+        # fail to upgrade: SQLite's answer to SELECT ... FOR UPDATE.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,239 @@
+"""Tables. The database holds every rule it can hold: CHECKs on amounts and states, unique keys
+for idempotency and journal order, foreign keys, and triggers that keep the journal append-only.
+
+All of one account's rows carry `account_id`, so a PostgreSQL-compatible distributed SQL engine
+can partition by it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeDecorator
+
+from tally.domain.model import SOURCES, EntryType, HoldStatus
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out. PostgreSQL stores `timestamptz`; SQLite stores naive UTC
+    text, which sorts and compares correctly because every value has the same form."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert value.tzinfo is not None, "naive datetimes are refused at the edges"
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+ID = String(40)
+
+
+def _in(column: str, values: tuple[str, ...] | list[str]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", String(128), primary_key=True),
+    Column("email", String(320)),
+    Column("debt", BigInteger, nullable=False, server_default="0"),
+    Column("entry_seq", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("debt >= 0", name="debt_not_negative"),
+    CheckConstraint("entry_seq >= 0", name="entry_seq_not_negative"),
+)
+
+lots = Table(
+    "lots",
+    metadata,
+    Column("lot_id", ID, primary_key=True),
+    Column("account_id", String(128), ForeignKey("accounts.account_id"), nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),
+    Column("expires_at", UTCDateTime),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("voided_at", UTCDateTime),
+    Column("reason", Text),
+    Column("metadata", Json),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("remaining BETWEEN 0 AND amount", name="remaining_within_amount"),
+    CheckConstraint("voided_at IS NULL OR remaining = 0", name="void_lot_is_empty"),
+    CheckConstraint("expires_at IS NULL OR expires_at > created_at", name="expires_after_created"),
+    CheckConstraint(_in("source", SOURCES), name="source_known"),
+    Index("ix_lots_account_id", "account_id"),
+    # Open lots are what spending and balances read: keep that read independent of history.
+    Index(
+        "ix_lots_open",
+        "account_id",
+        sqlite_where=text("remaining > 0"),
+        postgresql_where=text("remaining > 0"),
+    ),
+    Index(
+        "ix_lots_due",
+        "expires_at",
+        sqlite_where=text("remaining > 0"),
+        postgresql_where=text("remaining > 0"),
+    ),
+)
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("hold_id", ID, primary_key=True),
+    Column("account_id", String(128), ForeignKey("accounts.account_id"), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("captured", BigInteger, nullable=False, server_default="0"),
+    Column("status", String(16), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("metadata", Json),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("captured BETWEEN 0 AND amount", name="captured_within_amount"),
+    CheckConstraint(_in("status", [s.value for s in HoldStatus]), name="status_known"),
+    CheckConstraint(
+        "(status = 'captured' AND captured > 0) OR (status <> 'captured' AND captured = 0)",
+        name="captured_iff_status",
+    ),
+    Index(
+        "ix_holds_pending",
+        "account_id",
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index(
+        "ix_holds_due",
+        "expires_at",
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
+)
+
+hold_allocations = Table(
+    "hold_allocations",
+    metadata,
+    Column("hold_id", ID, ForeignKey("holds.hold_id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("lot_id", ID, ForeignKey("lots.lot_id"), nullable=False),
+    Column("account_id", String(128), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    PrimaryKeyConstraint("hold_id", "position"),
+    UniqueConstraint("hold_id", "lot_id"),
+    CheckConstraint("amount > 0", name="amount_positive"),
+)
+
+_LOT_TYPES = ("grant", "hold", "release", "capture", "debit", "expire", "void")
+entries = Table(
+    "entries",
+    metadata,
+    Column("entry_id", ID, primary_key=True),
+    Column("account_id", String(128), ForeignKey("accounts.account_id"), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("lot_id", ID, ForeignKey("lots.lot_id")),
+    Column("hold_id", ID, ForeignKey("holds.hold_id")),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("platform_id", String(64)),
+    Column("reason", Text),
+    Column("metadata", Json),
+    UniqueConstraint("account_id", "seq"),
+    CheckConstraint("seq > 0", name="seq_positive"),
+    CheckConstraint(_in("type", [t.value for t in EntryType]), name="type_known"),
+    CheckConstraint(
+        "amount > 0 OR (type = 'adjustment' AND amount <> 0)", name="amount_sign_by_type"
+    ),
+    CheckConstraint(f"NOT ({_in('type', _LOT_TYPES)}) OR lot_id IS NOT NULL", name="needs_lot"),
+    CheckConstraint(
+        "NOT (type IN ('hold', 'release', 'capture')) OR hold_id IS NOT NULL", name="needs_hold"
+    ),
+    Index("ix_entries_lot_id", "lot_id"),
+    Index("ix_entries_hold_id", "hold_id"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(64), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("response", Json, nullable=False),
+    Column("account_id", String(128)),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("scope", "key"),
+)
+
+
+# --- the append-only journal, enforced by the database --------------------------------------
+
+_SQLITE_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries "
+    "BEGIN SELECT RAISE(ABORT, 'entries are immutable'); END",
+    "CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries "
+    "BEGIN SELECT RAISE(ABORT, 'entries are immutable'); END",
+)
+_POSTGRES_TRIGGERS = (
+    "CREATE OR REPLACE FUNCTION tally_entries_immutable() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'entries are immutable'; END $$",
+    "CREATE TRIGGER entries_immutable BEFORE UPDATE OR DELETE ON entries "
+    "FOR EACH ROW EXECUTE FUNCTION tally_entries_immutable()",
+    "CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries "
+    "FOR EACH STATEMENT EXECUTE FUNCTION tally_entries_immutable()",
+)
+
+
+def install_journal_triggers(connection: Connection) -> None:
+    """Called by the migration and by `metadata.create_all` (tests) alike."""
+    statements = _SQLITE_TRIGGERS if connection.dialect.name == "sqlite" else _POSTGRES_TRIGGERS
+    for statement in statements:
+        connection.exec_driver_sql(statement)
+
+
+@event.listens_for(entries, "after_create")
+def _after_entries_create(target: Table, connection: Connection, **_: Any) -> None:
+    install_journal_triggers(connection)

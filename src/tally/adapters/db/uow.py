@@ -1,0 +1,96 @@
+"""The SQL unit of work: one transaction, its repositories, and the clock it runs under."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy import Connection, RootTransaction
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from tally.adapters.db.audit import SqlAudit
+from tally.adapters.db.engine import READ_ONLY, Database
+from tally.adapters.db.repository import SqlAccounts, SqlIdempotencyStore, SqlJournal
+from tally.domain.errors import DatabaseUnavailable
+from tally.service.ports import Clock
+
+
+class SqlUnitOfWork:
+    """`with uow:` opens a write transaction; leaving without `commit()` rolls it back."""
+
+    accounts: SqlAccounts
+    journal: SqlJournal
+    idempotency: SqlIdempotencyStore
+    audit: SqlAudit
+
+    def __init__(self, database: Database, clock: Clock) -> None:
+        self.database = database
+        self.clock = clock
+        self._read_only = False
+        self._connection: Connection | None = None
+        self._transaction: RootTransaction | None = None
+        self._locked = False
+
+    def __enter__(self) -> Self:
+        assert self._connection is None, "a unit of work is not re-entrant"
+        lock = self.database.write_lock
+        if lock is not None and not self._read_only:
+            lock.acquire()
+            self._locked = True
+        try:
+            connection = self.database.engine.connect()
+            if self._read_only:
+                # A snapshot: the several reads of a balance or an audit see one instant.
+                options: dict[str, object] = {READ_ONLY: True}
+                if self.database.dialect == "postgresql":
+                    options["isolation_level"] = "REPEATABLE READ"
+                connection = connection.execution_options(**options)
+            self._connection = connection
+            self._transaction = connection.begin()
+        except (OperationalError, DBAPIError) as error:
+            self._close()
+            raise DatabaseUnavailable(str(error.orig or error)[:200]) from error
+        self.accounts = SqlAccounts(connection)
+        self.journal = SqlJournal(connection)
+        self.idempotency = SqlIdempotencyStore(connection)
+        self.audit = SqlAudit(connection)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._transaction is not None and self._transaction.is_active:
+                self._transaction.rollback()
+        finally:
+            self._close()
+        if isinstance(exc, OperationalError):
+            raise DatabaseUnavailable(str(exc.orig or exc)[:200]) from exc
+
+    def commit(self) -> None:
+        assert self._transaction is not None, "commit outside `with uow:`"
+        self._transaction.commit()
+
+    @contextmanager
+    def read_only(self) -> Iterator[Self]:
+        self._read_only = True
+        try:
+            with self as uow:
+                yield uow
+        finally:
+            self._read_only = False
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = None
+        self._transaction = None
+        if self._locked:
+            assert self.database.write_lock is not None
+            self.database.write_lock.release()
+            self._locked = False

@@ -1,0 +1,190 @@
+"""One error hierarchy, one class per broken rule.
+
+Each class names the rule it protects, the HTTP status the API answers with, and the stable
+`code` member of the problem+json body. Driver and SDK exceptions are translated into these
+where they enter Tally; nothing else crosses a layer boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TallyError(Exception):
+    """Base of every error Tally raises on purpose."""
+
+    code: ClassVar[str] = "tally_error"
+    status: ClassVar[int] = 400
+    title: ClassVar[str] = "Request refused"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        self.detail = detail or self.title
+        self.extra = extra
+        super().__init__(self.detail)
+
+    def problem(self) -> dict[str, Any]:
+        """The RFC 9457 body, with Tally's `code` and any rule-specific members."""
+        return {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+# --- bad input (rule 1, identifiers, times, durations) -------------------------------------
+
+
+class InvalidInput(TallyError):
+    """A value is malformed: the request can never succeed as sent. `invalid_input`, 422."""
+
+    code = "invalid_input"
+    status = 422
+    title = "Invalid input"
+
+
+class InvalidAmount(InvalidInput):
+    """Rule 1: credits are integers from 1 to 2^53; floats, strings, zero, negatives refused."""
+
+    code = "invalid_amount"
+    title = "Invalid amount"
+
+
+class InvalidAccountId(InvalidInput):
+    """An account id is not 1-128 characters of `A-Za-z0-9._:@-`."""
+
+    code = "invalid_account_id"
+    title = "Invalid account id"
+
+
+class InvalidDuration(InvalidInput):
+    """A validity is neither an ISO 8601 duration (`P2Y`, `P30D`, `PT12H`) nor `never`."""
+
+    code = "invalid_duration"
+    title = "Invalid duration"
+
+
+class InvalidTime(InvalidInput):
+    """A time is not RFC 3339 with an offset, or lies where the rule forbids (in the past)."""
+
+    code = "invalid_time"
+    title = "Invalid time"
+
+
+class InvalidIdempotencyKey(InvalidInput):
+    """Rule 5: an idempotency key is 1-255 printable characters."""
+
+    code = "invalid_idempotency_key"
+    title = "Invalid idempotency key"
+
+
+# --- unknown things -------------------------------------------------------------------------
+
+
+class NotFound(TallyError):
+    """Something named in the request does not exist. `not_found`, 404."""
+
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class AccountNotFound(NotFound):
+    """The account has never been used (spending does not create accounts; grants do)."""
+
+    code = "account_not_found"
+    title = "Account not found"
+
+
+class LotNotFound(NotFound):
+    """No lot has this id."""
+
+    code = "lot_not_found"
+    title = "Lot not found"
+
+
+class HoldNotFound(NotFound):
+    """No hold has this id."""
+
+    code = "hold_not_found"
+    title = "Hold not found"
+
+
+# --- wrong state -----------------------------------------------------------------------------
+
+
+class InsufficientCredits(TallyError):
+    """Rule 2: available credits would go negative. `insufficient_credits`, 402."""
+
+    code = "insufficient_credits"
+    status = 402
+    title = "Insufficient credits"
+
+    def __init__(self, *, available: int, required: int) -> None:
+        super().__init__(
+            f"{required} credits required, {available} available",
+            available=available,
+            required=required,
+        )
+
+
+class Conflict(TallyError):
+    """The request is well-formed but the thing it acts on is in the wrong state. 409."""
+
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class HoldNotPending(Conflict):
+    """A hold is captured, released or past its TTL, so it cannot be captured or released."""
+
+    code = "hold_not_pending"
+    title = "Hold is not pending"
+
+
+class CaptureExceedsHold(TallyError):
+    """A capture asks for more credits than the hold reserved. `capture_exceeds_hold`, 422."""
+
+    code = "capture_exceeds_hold"
+    status = 422
+    title = "Capture exceeds the held amount"
+
+
+class LotVoided(Conflict):
+    """The lot was voided already."""
+
+    code = "lot_voided"
+    title = "Lot is already void"
+
+
+class TooManyPendingHolds(Conflict):
+    """An account has reached `max_pending_holds` open holds; capture or release some first."""
+
+    code = "too_many_pending_holds"
+    title = "Too many pending holds"
+
+
+class IdempotencyKeyReused(TallyError):
+    """Rule 5: the key was used before with a different request. 422."""
+
+    code = "idempotency_key_reused"
+    status = 422
+    title = "Idempotency key reused with a different request"
+
+
+class IdempotencyKeyInUse(Conflict):
+    """Rule 5: a request with this key is being processed right now; retry shortly."""
+
+    code = "idempotency_key_in_use"
+    title = "Idempotency key in use"
+
+
+class DatabaseUnavailable(TallyError):
+    """The database could not be reached or the transaction could not complete. 503."""
+
+    code = "database_unavailable"
+    status = 503
+    title = "Database unavailable"

@@ -1,0 +1,169 @@
+"""Value rules: credits, account ids, validities, times and ids. Pure, no I/O."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import isodate
+
+from tally.domain.errors import (
+    InvalidAccountId,
+    InvalidAmount,
+    InvalidDuration,
+    InvalidIdempotencyKey,
+    InvalidTime,
+)
+
+#: Rule 1: the largest amount one request may carry. 2^53 keeps every amount exact in
+#: JavaScript clients and leaves room below PostgreSQL's BIGINT for sums of many lots.
+MAX_AMOUNT: Final = 2**53
+ACCOUNT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+IDEMPOTENCY_KEY_MAX_LENGTH: Final = 255
+NEVER: Final = "never"
+
+
+def credits(value: object, *, field: str = "amount") -> int:
+    """Rule 1: accept an int in [1, 2^53] or a string of decimal digits; refuse all else."""
+    if isinstance(value, bool):
+        raise InvalidAmount(f"{field} must be an integer number of credits, not a boolean")
+    if isinstance(value, str):
+        if not re.fullmatch(r"[0-9]{1,20}", value.strip()):
+            raise InvalidAmount(f"{field} must be a whole number of credits, got {value!r}")
+        value = int(value.strip())
+    if not isinstance(value, int):
+        raise InvalidAmount(
+            f"{field} must be an integer number of credits, got {type(value).__name__}"
+        )
+    if value < 1:
+        raise InvalidAmount(f"{field} must be at least 1, got {value}")
+    if value > MAX_AMOUNT:
+        raise InvalidAmount(f"{field} must be at most 2^53, got {value}")
+    return value
+
+
+def account_id(value: str) -> str:
+    if not isinstance(value, str) or not ACCOUNT_ID_PATTERN.fullmatch(value):
+        raise InvalidAccountId(
+            "account_id must be 1-128 characters of A-Za-z0-9._:@-", account_id=str(value)[:140]
+        )
+    return value
+
+
+def idempotency_key(value: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX_LENGTH
+        or not value.isprintable()
+    ):
+        raise InvalidIdempotencyKey(
+            f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX_LENGTH} printable characters"
+        )
+    return value
+
+
+class Validity:
+    """How long credits stay valid: an ISO 8601 duration (`P2Y`, `P1M`, `PT12H`) or `never`."""
+
+    __slots__ = ("_duration", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._duration: timedelta | isodate.Duration | None
+        if text == NEVER:
+            self._duration = None
+            return
+        if not isinstance(text, str) or not text.startswith("P") or len(text) > 64:
+            raise InvalidDuration(f"validity must be an ISO 8601 duration or 'never', got {text!r}")
+        try:
+            duration = isodate.parse_duration(text)
+        except (isodate.ISO8601Error, ValueError, TypeError) as error:
+            raise InvalidDuration(
+                f"validity must be an ISO 8601 duration or 'never', got {text!r}"
+            ) from error
+        start = datetime(2000, 1, 1, tzinfo=UTC)
+        if start + duration <= start:
+            raise InvalidDuration(f"validity must be positive, got {text!r}")
+        self._duration = duration
+
+    def expires_at(self, start: datetime) -> datetime | None:
+        """When credits valid from `start` stop counting; None for `never`."""
+        if self._duration is None:
+            return None
+        try:
+            end: datetime = start + self._duration
+        except OverflowError as error:
+            raise InvalidDuration(f"validity {self.text!r} runs past the year 9999") from error
+        return end
+
+    def __repr__(self) -> str:
+        return f"Validity({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Validity) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def parse_time(value: str, *, field: str = "time") -> datetime:
+    """RFC 3339 with an explicit offset (`Z` or `+hh:mm`), answered in UTC."""
+    if not isinstance(value, str) or not re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", value
+    ):
+        raise InvalidTime(f"{field} must be RFC 3339 with an offset, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError as error:
+        raise InvalidTime(f"{field} is not a valid time: {value!r}") from error
+    return parsed.astimezone(UTC)
+
+
+def format_time(value: datetime | None) -> str | None:
+    """RFC 3339 UTC with a `Z`, the one form Tally answers in."""
+    if value is None:
+        return None
+    assert value.tzinfo is not None, "naive datetimes never leave the adapters"
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+_ID_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+_ID_RANDOM_CHARS: Final = 16  # 80 bits
+
+
+def new_id(prefix: str, now: datetime) -> str:
+    """`prefix_` + 10 symbols of milliseconds + 16 random symbols: unique and time-sorted."""
+    millis = int(now.timestamp() * 1000)
+    stamp = []
+    for _ in range(10):
+        millis, digit = divmod(millis, 32)
+        stamp.append(_ID_ALPHABET[digit])
+    tail = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_RANDOM_CHARS))
+    return f"{prefix}_{''.join(reversed(stamp))}{tail}"
+
+
+ID_PATTERN: Final = re.compile(rf"[a-z]+_[{re.escape(_ID_ALPHABET)}]{{26}}")
+
+
+def is_id(value: str, prefix: str) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith(prefix + "_")
+        and ID_PATTERN.fullmatch(value) is not None
+    )
+
+
+__all__ = [
+    "MAX_AMOUNT",
+    "NEVER",
+    "Validity",
+    "account_id",
+    "credits",
+    "format_time",
+    "idempotency_key",
+    "is_id",
+    "new_id",
+    "parse_time",
+]

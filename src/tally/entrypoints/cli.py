@@ -1,0 +1,330 @@
+"""`tally`: the operator's command line (SPEC.md §6). `TALLY_DATABASE_URL` picks the database."""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import structlog
+import typer
+
+from tally.adapters.db.audit import MAX_LISTED_VIOLATIONS
+from tally.bootstrap import Tally, bootstrap
+from tally.domain import values
+from tally.domain.errors import TallyError
+from tally.entrypoints.views import balance_view, debit_view, entry_view, hold_view, lot_view
+from tally.service import ledger
+
+app = typer.Typer(
+    name="tally",
+    help="Tally: a self-hosted credits platform for AI tool sites.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = structlog.get_logger("tally.cli")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _print(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def refusals(command: Callable[P, T]) -> Callable[P, T]:
+    """Turn a TallyError into its problem JSON on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return command(*args, **kwargs)
+        except TallyError as error:
+            typer.echo(json.dumps(error.problem(), ensure_ascii=False), err=True)
+            raise typer.Exit(1) from error
+
+    return run
+
+
+def _tally() -> Tally:
+    return bootstrap()
+
+
+def _key(given: str | None) -> str:
+    # Rule 5: every change has a key. A person at a terminal gets a fresh one; scripts that
+    # retry pass their own with --idempotency-key.
+    return given if given is not None else f"cli-{secrets.token_hex(12)}"
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    typer.Option("--idempotency-key", help="Replays return the first result (rule 5)."),
+]
+
+
+@app.command()
+@refusals
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    from tally.adapters.db.migrate import current, upgrade
+
+    tally = _tally()
+    try:
+        upgrade(tally.database)
+        typer.echo(f"database at revision {current(tally.database)}")
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def grant(
+    account_id: str,
+    amount: str,
+    source: Annotated[str, typer.Option(help="purchase, gift, membership, ...")] = "promotional",
+    valid_for: Annotated[str | None, typer.Option(help="ISO 8601 duration or 'never'")] = None,
+    expires_at: Annotated[str | None, typer.Option(help="RFC 3339 time")] = None,
+    priority: int = 0,
+    reason: str | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Grant credits to an account (created on first use); prints the lot."""
+    tally = _tally()
+    try:
+        lot = ledger.grant(
+            ledger.GrantCredits(
+                account_id=account_id,
+                amount=values.credits(amount),
+                source=source,
+                valid_for=valid_for,
+                expires_at=None if expires_at is None else values.parse_time(expires_at),
+                priority=priority,
+                reason=reason,
+                idempotency_key=_key(idempotency_key),
+            ),
+            tally.uow(),
+        )
+        _print(lot_view(lot, tally.clock()))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def balance(
+    account_id: str,
+    at: Annotated[str | None, typer.Option(help="RFC 3339: the balance at a past time")] = None,
+) -> None:
+    """Print an account's balance (SPEC.md §3)."""
+    tally = _tally()
+    try:
+        when = None if at is None else values.parse_time(at, field="at")
+        _print(balance_view(ledger.get_balance(account_id, tally.uow(), at=when)))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def hold(
+    account_id: str,
+    amount: str,
+    ttl_seconds: int = 900,
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Reserve credits for a job; prints the hold."""
+    tally = _tally()
+    try:
+        placed = ledger.place_hold(
+            ledger.PlaceHold(
+                account_id=account_id,
+                amount=values.credits(amount),
+                ttl_seconds=ttl_seconds,
+                idempotency_key=_key(idempotency_key),
+            ),
+            tally.uow(),
+        )
+        _print(hold_view(placed, tally.clock()))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def capture(
+    hold_id: str,
+    amount: Annotated[str | None, typer.Option(help="credits to keep; default all")] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Capture a pending hold, fully or partly; the rest goes back to its lots."""
+    tally = _tally()
+    try:
+        captured = ledger.capture(
+            ledger.CaptureHold(
+                hold_id=hold_id,
+                amount=None if amount is None else values.credits(amount),
+                idempotency_key=_key(idempotency_key),
+            ),
+            tally.uow(),
+        )
+        _print(hold_view(captured, tally.clock()))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def release(
+    hold_id: str, reason: str | None = None, idempotency_key: IdempotencyKey = None
+) -> None:
+    """Release a pending hold: its credits go back to the lots they came from."""
+    tally = _tally()
+    try:
+        released = ledger.release(
+            ledger.ReleaseHold(hold_id=hold_id, reason=reason, idempotency_key=_key(idempotency_key)),
+            tally.uow(),
+        )
+        _print(hold_view(released, tally.clock()))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def debit(account_id: str, amount: str, idempotency_key: IdempotencyKey = None) -> None:
+    """Spend credits in one step (a hold and its capture)."""
+    tally = _tally()
+    try:
+        done = ledger.debit(
+            ledger.DebitCredits(
+                account_id=account_id,
+                amount=values.credits(amount),
+                idempotency_key=_key(idempotency_key),
+            ),
+            tally.uow(),
+        )
+        _print(debit_view(done))
+    finally:
+        tally.close()
+
+
+@app.command("void")
+@refusals
+def void_lot(
+    lot_id: str,
+    reason: Annotated[str, typer.Option(help="why; recorded in the journal")],
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Void what remains of a lot."""
+    tally = _tally()
+    try:
+        lot = ledger.void_lot(
+            ledger.VoidLot(lot_id=lot_id, reason=reason, idempotency_key=_key(idempotency_key)),
+            tally.uow(),
+        )
+        _print(lot_view(lot, tally.clock()))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def clawback(
+    account_id: str,
+    amount: str,
+    reason: Annotated[str, typer.Option(help="why; recorded in the journal")],
+    lot_id: str | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Take credits back; what is already spent becomes debt (rule 8)."""
+    tally = _tally()
+    try:
+        done = ledger.claw_back(
+            ledger.ClawBack(
+                account_id=account_id,
+                amount=values.credits(amount),
+                reason=reason,
+                lot_id=lot_id,
+                idempotency_key=_key(idempotency_key),
+            ),
+            tally.uow(),
+        )
+        _print([entry_view(entry) for entry in done])
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def entries(
+    account_id: str, limit: Annotated[int, typer.Option(min=1, max=500)] = 20
+) -> None:
+    """Print an account's journal, newest first."""
+    tally = _tally()
+    try:
+        found = ledger.list_entries(account_id, tally.uow(), limit=limit)
+        _print([entry_view(entry) for entry in found])
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def check() -> None:
+    """Audit rule 6 for every account, lot and hold; exit 1 listing every violation."""
+    tally = _tally()
+    try:
+        report = ledger.check(tally.uow())
+    finally:
+        tally.close()
+    summary = (
+        f"{report.accounts} accounts, {report.lots} lots, {report.holds} holds, "
+        f"{report.entries} entries; {report.due_lots} lots and {report.due_holds} holds "
+        "due for the sweep"
+    )
+    if not report.violations:
+        typer.echo(f"ok: conservation holds: {summary}")
+        return
+    for violation in report.violations[:MAX_LISTED_VIOLATIONS]:
+        typer.echo(f"violation: {violation}")
+    hidden = len(report.violations) - MAX_LISTED_VIOLATIONS
+    if hidden > 0:
+        typer.echo(f"... and {hidden} more")
+    typer.echo(f"FAILED: {len(report.violations)} violations: {summary}")
+    raise typer.Exit(1)
+
+
+@app.command()
+@refusals
+def sweep() -> None:
+    """Write down lots and holds that have expired."""
+    tally = _tally()
+    try:
+        result = ledger.sweep(tally.uow())
+    finally:
+        tally.close()
+    log.info("sweep", accounts=result.accounts, holds=result.holds_expired, lots=result.lots_expired)
+    typer.echo(
+        f"swept {result.accounts} accounts: {result.holds_expired} holds and "
+        f"{result.lots_expired} lots expired"
+    )
+
+
+def _configure_logging() -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+def main() -> None:
+    _configure_logging()
+    app()

@@ -1,0 +1,94 @@
+"""The JSON shapes Tally answers with (SPEC.md §3), shared by the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from tally.domain.model import Balance, Debit, Entry, Hold, Lot
+from tally.domain.values import format_time
+
+
+def lot_status(lot: Lot, now: datetime) -> str:
+    if lot.voided_at is not None:
+        return "void"
+    if lot.is_expired(now):
+        return "expired"
+    return "active" if lot.remaining > 0 else "spent"
+
+
+def lot_view(lot: Lot, now: datetime) -> dict[str, Any]:
+    return {
+        "id": lot.id,
+        "object": "lot",
+        "account_id": lot.account_id,
+        "source": lot.source,
+        "amount": lot.amount,
+        "remaining": 0 if lot.is_expired(now) else lot.remaining,
+        "status": lot_status(lot, now),
+        "expires_at": format_time(lot.expires_at),
+        "priority": lot.priority,
+        "created_at": format_time(lot.created_at),
+        "voided_at": format_time(lot.voided_at),
+        "reason": lot.reason,
+        "metadata": lot.metadata or {},
+    }
+
+
+def hold_view(hold: Hold, now: datetime) -> dict[str, Any]:
+    return {
+        "id": hold.id,
+        "object": "hold",
+        "account_id": hold.account_id,
+        "amount": hold.amount,
+        "captured": hold.captured,
+        "status": hold.status_at(now).value,
+        "expires_at": format_time(hold.expires_at),
+        "created_at": format_time(hold.created_at),
+        "allocations": [{"lot_id": a.lot_id, "amount": a.amount} for a in hold.allocations],
+        "metadata": hold.metadata or {},
+    }
+
+
+def entry_view(entry: Entry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "object": "entry",
+        "account_id": entry.account_id,
+        "seq": entry.seq,
+        "type": entry.type.value,
+        "amount": entry.amount,
+        "lot_id": entry.lot_id,
+        "hold_id": entry.hold_id,
+        "created_at": format_time(entry.created_at),
+        "idempotency_key": entry.idempotency_key,
+        "platform_id": entry.platform_id,
+        "reason": entry.reason,
+        "metadata": entry.metadata or {},
+    }
+
+
+def debit_view(debit: Debit) -> dict[str, Any]:
+    return {
+        "id": debit.id,
+        "object": "entry",
+        "type": "debit",
+        "account_id": debit.account_id,
+        "amount": debit.amount,
+        "created_at": format_time(debit.created_at),
+        "allocations": [{"lot_id": a.lot_id, "amount": a.amount} for a in debit.allocations],
+        "entries": [entry.id for entry in debit.entries],
+    }
+
+
+def balance_view(balance: Balance) -> dict[str, Any]:
+    return {
+        "account_id": balance.account_id,
+        "available": balance.available,
+        "held": balance.held,
+        "debt": balance.debt,
+        "allowances": dict(balance.allowances),
+        "next_expiry": None
+        if balance.next_expiry is None
+        else {"at": format_time(balance.next_expiry.at), "amount": balance.next_expiry.amount},
+    }

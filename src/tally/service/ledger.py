@@ -1,0 +1,433 @@
+"""Ledger use cases. Each validates its command, then runs in one unit of work that owns the
+commit, under the caller's idempotency key (rule 5)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+from pydantic import TypeAdapter
+
+from tally.domain import values
+from tally.domain.errors import (
+    AccountNotFound,
+    HoldNotFound,
+    IdempotencyKeyReused,
+    InvalidInput,
+    InvalidTime,
+    LotNotFound,
+    NotFound,
+)
+from tally.domain.model import (
+    DEFAULT_HOLD_TTL_SECONDS,
+    Account,
+    Balance,
+    Debit,
+    Entry,
+    EntryType,
+    Hold,
+    HoldStatus,
+    Lot,
+    Origin,
+    account_at,
+)
+from tally.service.ports import AuditReport, IdempotencyRace, UnitOfWork
+
+#: Rule 4: purchased and gifted credits last two years unless the package says otherwise;
+#: everything else never expires unless the grant says so.
+DEFAULT_VALIDITY: Final = {"purchase": "P2Y", "gift": "P2Y"}
+SWEEP_BATCH_SIZE: Final = 100
+SWEEP_MAX_BATCHES: Final = 10_000
+ENTRIES_PAGE_MAX: Final = 500
+METADATA_MAX_BYTES: Final = 4_096
+LOCAL_SCOPE: Final = "local"
+#: A key that loses a race is looked up again; twice is enough because the winner committed.
+IDEMPOTENCY_ATTEMPTS: Final = 2
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    idempotency_key: str
+    platform_id: str | None = None
+
+    def origin(self, reason: str | None = None) -> Origin:
+        return Origin(self.idempotency_key, self.platform_id, reason)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrantCredits(Command):
+    account_id: str
+    amount: int
+    source: str = "promotional"
+    expires_at: datetime | None = None
+    valid_for: str | None = None
+    priority: int = 0
+    reason: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlaceHold(Command):
+    account_id: str
+    amount: int
+    ttl_seconds: int = DEFAULT_HOLD_TTL_SECONDS
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptureHold(Command):
+    hold_id: str
+    amount: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseHold(Command):
+    hold_id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebitCredits(Command):
+    account_id: str
+    amount: int
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoidLot(Command):
+    lot_id: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClawBack(Command):
+    account_id: str
+    amount: int
+    reason: str
+    lot_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adjust(Command):
+    account_id: str
+    delta: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    accounts: int = 0
+    holds_expired: int = 0
+    lots_expired: int = 0
+    entries: list[str] = field(default_factory=list)
+
+
+# --- use cases ------------------------------------------------------------------------------
+
+
+def grant(cmd: GrantCredits, uow: UnitOfWork) -> Lot:
+    values.account_id(cmd.account_id)
+    amount = values.credits(cmd.amount)
+    _check_metadata(cmd.metadata)
+    if cmd.expires_at is not None and cmd.valid_for is not None:
+        raise InvalidInput("give expires_at or valid_for, not both")
+    if cmd.expires_at is not None and cmd.expires_at.tzinfo is None:
+        raise InvalidTime("expires_at needs a time zone offset")
+    validity_text = cmd.valid_for or DEFAULT_VALIDITY.get(cmd.source, values.NEVER)
+    validity = None if cmd.expires_at is not None else values.Validity(validity_text)
+
+    def action(account: Account, now: datetime) -> Lot:
+        expires_at = cmd.expires_at if validity is None else validity.expires_at(now)
+        return account.grant(
+            amount=amount,
+            source=cmd.source,
+            expires_at=expires_at,
+            priority=cmd.priority,
+            now=now,
+            origin=cmd.origin(cmd.reason),
+            metadata=cmd.metadata,
+        )
+
+    return _change(uow, cmd, cmd.account_id, action, Lot, create=True)
+
+
+def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
+    values.account_id(cmd.account_id)
+    amount = values.credits(cmd.amount)
+    _check_metadata(cmd.metadata)
+
+    def action(account: Account, now: datetime) -> Hold:
+        return account.place_hold(
+            amount=amount,
+            ttl_seconds=cmd.ttl_seconds,
+            now=now,
+            origin=cmd.origin(),
+            metadata=cmd.metadata,
+        )
+
+    return _change(uow, cmd, cmd.account_id, action, Hold)
+
+
+def capture(cmd: CaptureHold, uow: UnitOfWork) -> Hold:
+    amount = None if cmd.amount is None else values.credits(cmd.amount)
+    _check_id(cmd.hold_id, "hold", HoldNotFound)
+
+    def action(account: Account, now: datetime) -> Hold:
+        return account.capture(cmd.hold_id, amount, now, cmd.origin())
+
+    return _change(uow, cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
+
+
+def release(cmd: ReleaseHold, uow: UnitOfWork) -> Hold:
+    _check_id(cmd.hold_id, "hold", HoldNotFound)
+
+    def action(account: Account, now: datetime) -> Hold:
+        return account.release(cmd.hold_id, now, cmd.origin(cmd.reason))
+
+    return _change(uow, cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
+
+
+def debit(cmd: DebitCredits, uow: UnitOfWork) -> Debit:
+    values.account_id(cmd.account_id)
+    amount = values.credits(cmd.amount)
+    _check_metadata(cmd.metadata)
+
+    def action(account: Account, now: datetime) -> Debit:
+        return account.debit(amount=amount, now=now, origin=cmd.origin())
+
+    return _change(uow, cmd, cmd.account_id, action, Debit)
+
+
+def void_lot(cmd: VoidLot, uow: UnitOfWork) -> Lot:
+    _check_id(cmd.lot_id, "lot", LotNotFound)
+
+    def owner(uow: UnitOfWork) -> str:
+        account_id = uow.accounts.account_of_lot(cmd.lot_id)
+        if account_id is None:
+            raise LotNotFound(lot_id=cmd.lot_id)
+        return account_id
+
+    def action(account: Account, now: datetime) -> Lot:
+        return account.void_lot(cmd.lot_id, now, cmd.origin(cmd.reason))
+
+    return _change(uow, cmd, owner, action, Lot, lot_ids=[cmd.lot_id])
+
+
+def claw_back(cmd: ClawBack, uow: UnitOfWork) -> list[Entry]:
+    values.account_id(cmd.account_id)
+    amount = values.credits(cmd.amount)
+
+    def action(account: Account, now: datetime) -> list[Entry]:
+        return account.clawback(
+            amount=amount, now=now, origin=cmd.origin(cmd.reason), lot_id=cmd.lot_id
+        )
+
+    lot_ids = [cmd.lot_id] if cmd.lot_id else []
+    return _change(uow, cmd, cmd.account_id, action, list[Entry], lot_ids=lot_ids)
+
+
+def adjust(cmd: Adjust, uow: UnitOfWork) -> list[Entry]:
+    values.account_id(cmd.account_id)
+    if isinstance(cmd.delta, bool) or not isinstance(cmd.delta, int):
+        raise InvalidInput("delta must be an integer")
+    values.credits(abs(cmd.delta) or 1, field="delta")
+
+    def action(account: Account, now: datetime) -> list[Entry]:
+        return account.adjust(delta=cmd.delta, now=now, origin=cmd.origin(cmd.reason))
+
+    return _change(uow, cmd, cmd.account_id, action, list[Entry])
+
+
+def put_account(account_id: str, email: str | None, uow: UnitOfWork) -> Account:
+    """Create the account if new and set its email. Naturally idempotent."""
+    values.account_id(account_id)
+    if email is not None and (len(email) > 320 or "@" not in email):
+        raise InvalidInput("email is not an address")
+    with uow:
+        account = uow.accounts.get_for_update(account_id, create_at=uow.clock())
+        assert account is not None
+        account.change_email(email)
+        uow.accounts.save(account)
+        uow.commit()
+    return account
+
+
+def get_balance(account_id: str, uow: UnitOfWork, at: datetime | None = None) -> Balance:
+    """Balance now from the projection (constant time), or at a past instant from the journal."""
+    values.account_id(account_id)
+    with uow.read_only():
+        now = uow.clock()
+        if at is not None and at > now:
+            raise InvalidTime("at must not be in the future")
+        account = uow.accounts.get(account_id)
+        if account is None:
+            raise AccountNotFound(account_id=account_id)
+        if at is None:
+            return account.balance(now)
+        history = uow.journal.history(account_id, at)
+    return account_at(account_id, history.lots, history.holds, history.entries, at).balance(at)
+
+
+def list_entries(
+    account_id: str, uow: UnitOfWork, *, limit: int = 100, before_seq: int | None = None
+) -> list[Entry]:
+    values.account_id(account_id)
+    if not 1 <= limit <= ENTRIES_PAGE_MAX:
+        raise InvalidInput(f"limit must be between 1 and {ENTRIES_PAGE_MAX}")
+    with uow.read_only():
+        if uow.accounts.get(account_id) is None:
+            raise AccountNotFound(account_id=account_id)
+        return uow.journal.entries(account_id, limit=limit, before_seq=before_seq)
+
+
+def check(uow: UnitOfWork) -> AuditReport:
+    """Rule 6 for every account, lot and hold, in one consistent snapshot."""
+    with uow.read_only():
+        return uow.audit.run(uow.clock())
+
+
+def sweep(uow: UnitOfWork, *, batch_size: int = SWEEP_BATCH_SIZE) -> SweepResult:
+    """Write down the holds and lots that time has expired, `batch_size` accounts per
+    transaction so no lock is held for long."""
+    assert 1 <= batch_size <= 10_000
+    accounts_done = holds_expired = lots_expired = 0
+    for _ in range(SWEEP_MAX_BATCHES):
+        with uow:
+            now = uow.clock()
+            due = uow.accounts.due(now, batch_size)
+            for account_id in due:
+                account = uow.accounts.get_for_update(account_id)
+                assert account is not None
+                before = {h.id for h in account.holds.values() if h.status is HoldStatus.PENDING}
+                account.settle(now)
+                holds_expired += sum(
+                    1 for h in before if account.holds[h].status is HoldStatus.EXPIRED
+                )
+                lots_expired += len(
+                    {e.lot_id for e in account.new_entries if e.type is EntryType.EXPIRE}
+                )
+                uow.accounts.save(account)
+            uow.commit()
+        accounts_done += len(due)
+        if len(due) < batch_size:
+            break
+    return SweepResult(accounts_done, holds_expired, lots_expired)
+
+
+# --- the idempotent change ------------------------------------------------------------------
+
+
+def _change(
+    uow: UnitOfWork,
+    cmd: Command,
+    account: str | Callable[[UnitOfWork], str],
+    action: Callable[[Account, datetime], R],
+    result_type: Any,
+    *,
+    create: bool = False,
+    lot_ids: Sequence[str] = (),
+    hold_ids: Sequence[str] = (),
+) -> R:
+    """Run `action` on the locked account once per idempotency key (rule 5).
+
+    The key is looked up after the account lock is taken, so a concurrent duplicate on the
+    same account waits and then replays. Duplicates that race on different accounts meet at
+    the key's unique constraint; the loser rolls back and replays the winner's result.
+    """
+    key = values.idempotency_key(cmd.idempotency_key)
+    scope = cmd.platform_id or LOCAL_SCOPE
+    request_hash = _fingerprint(cmd)
+    adapter: TypeAdapter[R] = _adapter(result_type)
+    for _ in range(IDEMPOTENCY_ATTEMPTS):
+        with uow:
+            now = uow.clock()
+            account_id = account if isinstance(account, str) else account(uow)
+            locked = uow.accounts.get_for_update(
+                account_id,
+                create_at=now if create else None,
+                lot_ids=lot_ids,
+                hold_ids=hold_ids,
+            )
+            stored = uow.idempotency.get(scope, key)
+            if stored is not None:
+                return _replay(stored.request_hash, request_hash, stored.response, adapter)
+            if locked is None:
+                raise AccountNotFound(account_id=account_id)
+            locked.settle(now)
+            result = action(locked, now)
+            uow.accounts.save(locked)
+            try:
+                uow.idempotency.add(
+                    scope,
+                    key,
+                    request_hash=request_hash,
+                    response=adapter.dump_python(result, mode="json"),
+                    account_id=account_id,
+                    now=now,
+                )
+            except IdempotencyRace:
+                continue
+            uow.commit()
+            return result
+    with uow.read_only():
+        stored = uow.idempotency.get(scope, key)
+    assert stored is not None, "a key that lost a race must have a stored winner"
+    return _replay(stored.request_hash, request_hash, stored.response, adapter)
+
+
+def _replay(stored_hash: str, request_hash: str, response: Any, adapter: TypeAdapter[R]) -> R:
+    if stored_hash != request_hash:
+        raise IdempotencyKeyReused
+    return adapter.validate_python(response)
+
+
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(kind: Any) -> TypeAdapter[Any]:
+    """TypeAdapters are costly to build and safe to share: one per type, built on first use."""
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    return adapter
+
+
+def _fingerprint(cmd: Command) -> str:
+    kind = type(cmd)
+    body = _adapter(kind).dump_python(cmd, mode="json", exclude={"idempotency_key"})
+    canonical = json.dumps([kind.__name__, body], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_id(value: str, prefix: str, error: type[NotFound]) -> None:
+    if not values.is_id(value, prefix):
+        raise error(f"no {prefix} has this id", **{f"{prefix}_id": str(value)[:64]})
+
+
+def _owner_of_hold(hold_id: str) -> Callable[[UnitOfWork], str]:
+    def owner(uow: UnitOfWork) -> str:
+        account_id = uow.accounts.account_of_hold(hold_id)
+        if account_id is None:
+            raise HoldNotFound(hold_id=hold_id)
+        return account_id
+
+    return owner
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise InvalidInput("metadata must be an object")
+    try:
+        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    except (TypeError, ValueError) as error:
+        raise InvalidInput("metadata must be JSON") from error
+    if size > METADATA_MAX_BYTES:
+        raise InvalidInput(f"metadata is at most {METADATA_MAX_BYTES} bytes of JSON")

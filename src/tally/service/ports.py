@@ -1,0 +1,121 @@
+"""What the use cases need from the outside world, as Protocols. Adapters implement them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from tally.domain.model import Account, Entry, Hold, Lot
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime: ...
+
+
+class IdempotencyRace(Exception):  # noqa: N818 - a signal between layers, not a TallyError
+    """Another transaction stored a result under the same key first; look it up and replay."""
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    request_hash: str
+    response: Any
+
+
+@dataclass(frozen=True)
+class History:
+    """An account's rows as of a past instant, for balances `at` a time (rule 2 replayed)."""
+
+    lots: list[Lot]
+    holds: list[Hold]
+    entries: list[Entry]
+
+
+@dataclass
+class AuditReport:
+    accounts: int = 0
+    lots: int = 0
+    holds: int = 0
+    entries: int = 0
+    due_lots: int = 0
+    due_holds: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+class Accounts(Protocol):
+    def get_for_update(
+        self,
+        account_id: str,
+        *,
+        create_at: datetime | None = None,
+        lot_ids: Sequence[str] = (),
+        hold_ids: Sequence[str] = (),
+    ) -> Account | None:
+        """Lock the account (creating it when `create_at` is given) and load what a change
+        can touch: open lots, pending holds, and the named lots and holds."""
+
+    def get(self, account_id: str) -> Account | None:
+        """The same, without a lock, for reads."""
+
+    def save(self, account: Account) -> None: ...
+
+    def account_of_lot(self, lot_id: str) -> str | None: ...
+
+    def account_of_hold(self, hold_id: str) -> str | None: ...
+
+    def due(self, now: datetime, limit: int) -> list[str]:
+        """Accounts with a lapsed hold or an expired lot not yet written down."""
+
+    def lots(self, account_id: str) -> list[Lot]: ...
+
+
+class Journal(Protocol):
+    def entries(self, account_id: str, *, limit: int, before_seq: int | None) -> list[Entry]: ...
+
+    def history(self, account_id: str, until: datetime) -> History: ...
+
+
+class IdempotencyStore(Protocol):
+    def get(self, scope: str, key: str) -> StoredResult | None: ...
+
+    def add(
+        self,
+        scope: str,
+        key: str,
+        *,
+        request_hash: str,
+        response: Any,
+        account_id: str | None,
+        now: datetime,
+    ) -> None:
+        """Store a result; raise `IdempotencyRace` if the key was stored meanwhile."""
+
+
+class Audit(Protocol):
+    def run(self, now: datetime) -> AuditReport: ...
+
+
+class UnitOfWork(Protocol):
+    accounts: Accounts
+    journal: Journal
+    idempotency: IdempotencyStore
+    audit: Audit
+    clock: Clock
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def read_only(self) -> AbstractContextManager[Self]:
+        """A transaction that only reads (no write lock on SQLite)."""
