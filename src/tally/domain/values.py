@@ -84,7 +84,11 @@ class Validity:
                 f"validity must be an ISO 8601 duration or 'never', got {text!r}"
             ) from error
         start = datetime(2000, 1, 1, tzinfo=UTC)
-        if start + duration <= start:
+        try:
+            positive = start + duration > start
+        except (OverflowError, ValueError) as error:
+            raise InvalidDuration(f"validity {text!r} runs past the year 9999") from error
+        if not positive:
             raise InvalidDuration(f"validity must be positive, got {text!r}")
         self._duration = duration
 
@@ -94,7 +98,7 @@ class Validity:
             return None
         try:
             end: datetime = start + self._duration
-        except OverflowError as error:
+        except (OverflowError, ValueError) as error:
             raise InvalidDuration(f"validity {self.text!r} runs past the year 9999") from error
         return end
 

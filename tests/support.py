@@ -1,0 +1,103 @@
+"""Helpers shared by the test suites: a controllable clock and PostgreSQL schemas per test."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from tally.adapters.db.engine import Database, connect
+from tally.adapters.db.schema import metadata
+
+POSTGRES_URL = os.environ.get(
+    "TALLY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """A clock that moves only when told to; thread-safe so concurrent tests can share it."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self._now = now
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, **delta: float) -> datetime:
+        with self._lock:
+            self._now += timedelta(**delta)
+            return self._now
+
+    def set(self, now: datetime) -> None:
+        with self._lock:
+            self._now = now
+
+
+def postgres_available() -> bool:
+    try:
+        engine = create_engine(make_url(POSTGRES_URL).set(drivername="postgresql+psycopg"))
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception:
+        return False
+    return True
+
+
+def require_postgres() -> None:
+    """Skip on a developer machine without PostgreSQL; fail in CI, where it is required."""
+    if postgres_available():
+        return
+    message = f"PostgreSQL is not reachable at {POSTGRES_URL}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " and CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema for one test; yields a URL whose search_path points into it."""
+    require_postgres()
+    name = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(make_url(POSTGRES_URL).set(drivername="postgresql+psycopg"))
+    with admin.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {name}"))
+    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={name}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {name} CASCADE"))
+        admin.dispose()
+
+
+@contextmanager
+def database(kind: str, tmp_dir: str, *, create: bool = True, pool_size: int = 10) -> Iterator[Database]:
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_dir}/tally-{secrets.token_hex(4)}.db"
+        db = connect(url, pool_size=pool_size)
+        if create:
+            metadata.create_all(db.engine)
+        try:
+            yield db
+        finally:
+            db.dispose()
+        return
+    with postgres_schema() as url:
+        db = connect(url, pool_size=pool_size)
+        if create:
+            metadata.create_all(db.engine)
+        try:
+            yield db
+        finally:
+            db.dispose()

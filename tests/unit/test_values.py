@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tally.domain import values
+from tally.domain.errors import InvalidAmount, InvalidDuration, InvalidIdempotencyKey, InvalidTime
+
+
+@pytest.mark.parametrize("good", [1, 5, 2**53, "7", " 12 "])
+def test_credits_accepts_whole_positive_numbers(good: object) -> None:
+    assert values.credits(good) == int(str(good).strip())
+
+
+@pytest.mark.parametrize(
+    "bad", [0, -1, 2**53 + 1, 1.0, 2.5, "2.5", "5.0", "1e3", "", "abc", "-3", True, None, [1]]
+)
+def test_credits_refuses_everything_else(bad: object) -> None:
+    with pytest.raises(InvalidAmount):
+        values.credits(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "start", "end"),
+    [
+        ("P2Y", datetime(2026, 2, 28, tzinfo=UTC), datetime(2028, 2, 28, tzinfo=UTC)),
+        ("P1M", datetime(2026, 1, 31, tzinfo=UTC), datetime(2026, 2, 28, tzinfo=UTC)),
+        ("P30D", datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 31, tzinfo=UTC)),
+        ("PT12H", datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 12, tzinfo=UTC)),
+    ],
+)
+def test_validity_adds_calendar_durations(text: str, start: datetime, end: datetime) -> None:
+    assert values.Validity(text).expires_at(start) == end
+
+
+def test_never_means_no_expiry() -> None:
+    assert values.Validity("never").expires_at(datetime(2026, 1, 1, tzinfo=UTC)) is None
+
+
+@pytest.mark.parametrize("bad", ["2Y", "P", "P-1D", "P0D", "PT0S", "", "forever", "P2Y" * 30])
+def test_malformed_durations_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidDuration):
+        values.Validity(bad)
+
+
+def test_validity_past_year_9999_is_refused() -> None:
+    with pytest.raises(InvalidDuration):
+        values.Validity("P7990Y").expires_at(datetime(2026, 1, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-01T10:00:00Z", datetime(2026, 3, 1, 10, tzinfo=UTC)),
+        ("2026-03-01T12:00:00+02:00", datetime(2026, 3, 1, 10, tzinfo=UTC)),
+        ("2026-03-01T10:00:00.5z", datetime(2026, 3, 1, 10, 0, 0, 500000, tzinfo=UTC)),
+    ],
+)
+def test_times_are_rfc3339_answered_in_utc(text: str, expected: datetime) -> None:
+    assert values.parse_time(text) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["2026-03-01T10:00:00", "2026-03-01", "yesterday", "2026-13-01T10:00:00Z", ""]
+)
+def test_times_without_offset_or_malformed_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidTime):
+        values.parse_time(bad)
+
+
+def test_format_time_is_utc_with_z() -> None:
+    assert values.format_time(datetime(2026, 3, 1, 10, tzinfo=UTC)) == "2026-03-01T10:00:00Z"
+
+
+@pytest.mark.parametrize("good", ["alice", "user:42", "a.b-c_d@e", "x" * 128])
+def test_account_ids(good: str) -> None:
+    assert values.account_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "has space", "semi;colon", "ünïcode", "a/b"])
+def test_bad_account_ids(bad: str) -> None:
+    with pytest.raises(Exception, match="account_id"):
+        values.account_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 256, "tab\there", "new\nline"])
+def test_bad_idempotency_keys(bad: str) -> None:
+    with pytest.raises(InvalidIdempotencyKey):
+        values.idempotency_key(bad)
+
+
+def test_ids_are_prefixed_sortable_and_unique() -> None:
+    early = values.new_id("lot", datetime(2026, 1, 1, tzinfo=UTC))
+    late = values.new_id("lot", datetime(2026, 1, 2, tzinfo=UTC))
+    assert values.is_id(early, "lot") and not values.is_id(early, "hold")
+    assert early[:14] < late[:14]
+    assert len({values.new_id("ent", datetime(2026, 1, 1, tzinfo=UTC)) for _ in range(1000)}) == 1000
