@@ -24,6 +24,6 @@ echo "== the journal explains every credit"
 $tally entries "$person" --limit 50 | .venv/bin/python -c '
 import json, sys
 for e in reversed(json.load(sys.stdin)):
-    print(f"  #{e[\"seq\"]:<3} {e[\"type\"]:<10} {e[\"amount\"]:>4}  {e[\"reason\"] or \"\"}")'
+    print("  #%-3d %-10s %4d  %s" % (e["seq"], e["type"], e["amount"], e["reason"] or ""))'
 echo "== conservation audit"
 $tally check

@@ -82,7 +82,9 @@ def postgres_schema() -> Iterator[str]:
 
 
 @contextmanager
-def database(kind: str, tmp_dir: str, *, create: bool = True, pool_size: int = 10) -> Iterator[Database]:
+def database(
+    kind: str, tmp_dir: str, *, create: bool = True, pool_size: int = 10
+) -> Iterator[Database]:
     if kind == "sqlite":
         url = f"sqlite:///{tmp_dir}/tally-{secrets.token_hex(4)}.db"
         db = connect(url, pool_size=pool_size)

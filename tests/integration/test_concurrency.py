@@ -126,7 +126,9 @@ def test_one_key_for_different_accounts_at_once_applies_once(pooled: Database) -
     clock = FakeClock()
     uow = SqlUnitOfWork(pooled, clock)
     for n in range(8):
-        ledger.grant(ledger.GrantCredits(account_id=f"acct-{n}", amount=10, idempotency_key=f"s{n}"), uow)
+        ledger.grant(
+            ledger.GrantCredits(account_id=f"acct-{n}", amount=10, idempotency_key=f"s{n}"), uow
+        )
 
     def spend(n: int) -> Any:
         cmd = ledger.DebitCredits(account_id=f"acct-{n}", amount=1, idempotency_key="shared")
@@ -135,7 +137,8 @@ def test_one_key_for_different_accounts_at_once_applies_once(pooled: Database) -
     results = _run_together(8, spend)
     succeeded = [r for r in results if not isinstance(r, Exception)]
     refused = [r for r in results if isinstance(r, IdempotencyKeyReused)]
-    assert len(succeeded) == 1 and len(refused) == 7
+    assert len(succeeded) == 1
+    assert len(refused) == 7
     total = sum(ledger.get_balance(f"acct-{n}", uow).available for n in range(8))
     assert total == 79
     assert ledger.check(uow).violations == []

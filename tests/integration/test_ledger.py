@@ -54,17 +54,27 @@ def assert_conserved(uow: SqlUnitOfWork) -> None:
 def test_grant_hold_capture_release_debit(uow: SqlUnitOfWork, clock: FakeClock) -> None:
     soon = grant(uow, "alice", 5, valid_for="P30D")
     grant(uow, "alice", 10)
-    hold = ledger.place_hold(ledger.PlaceHold(account_id="alice", amount=8, idempotency_key=key()), uow)
-    assert [(a.lot_id, a.amount) for a in hold.allocations][0] == (soon.id, 5)
+    hold = ledger.place_hold(
+        ledger.PlaceHold(account_id="alice", amount=8, idempotency_key=key()), uow
+    )
+    assert next((a.lot_id, a.amount) for a in hold.allocations) == (soon.id, 5)
     balance = ledger.get_balance("alice", uow)
     assert (balance.available, balance.held) == (7, 8)
-    captured = ledger.capture(ledger.CaptureHold(hold_id=hold.id, amount=6, idempotency_key=key()), uow)
-    assert captured.status is HoldStatus.CAPTURED and captured.captured == 6
+    captured = ledger.capture(
+        ledger.CaptureHold(hold_id=hold.id, amount=6, idempotency_key=key()), uow
+    )
+    assert captured.status is HoldStatus.CAPTURED
+    assert captured.captured == 6
     assert available(uow, "alice") == 9
-    other = ledger.place_hold(ledger.PlaceHold(account_id="alice", amount=9, idempotency_key=key()), uow)
+    other = ledger.place_hold(
+        ledger.PlaceHold(account_id="alice", amount=9, idempotency_key=key()), uow
+    )
     ledger.release(ledger.ReleaseHold(hold_id=other.id, idempotency_key=key()), uow)
-    done = ledger.debit(ledger.DebitCredits(account_id="alice", amount=9, idempotency_key=key()), uow)
-    assert done.amount == 9 and available(uow, "alice") == 0
+    done = ledger.debit(
+        ledger.DebitCredits(account_id="alice", amount=9, idempotency_key=key()), uow
+    )
+    assert done.amount == 9
+    assert available(uow, "alice") == 0
     with pytest.raises(InsufficientCredits) as refused:
         ledger.debit(ledger.DebitCredits(account_id="alice", amount=1, idempotency_key=key()), uow)
     assert refused.value.problem()["status"] == 402
@@ -76,11 +86,13 @@ def test_balance_next_expiry_and_expiry_without_sweep(uow: SqlUnitOfWork, clock:
     grant(uow, "bob", 6, valid_for="P2Y", source="purchase")
     balance = ledger.get_balance("bob", uow)
     assert balance.next_expiry is not None
-    assert balance.next_expiry.amount == 4 and balance.next_expiry.at == clock() + timedelta(days=1)
+    assert balance.next_expiry.amount == 4
+    assert balance.next_expiry.at == clock() + timedelta(days=1)
     clock.advance(days=1)
     assert available(uow, "bob") == 6  # rule 2: counts as zero at once
     report = ledger.check(uow)
-    assert report.due_lots == 1 and report.violations == []
+    assert report.due_lots == 1
+    assert report.violations == []
     result = ledger.sweep(uow)
     assert (result.accounts, result.lots_expired) == (1, 1)
     assert ledger.sweep(uow).accounts == 0  # nothing left to do
@@ -119,7 +131,9 @@ def test_debt_from_clawback_is_repaid_by_the_next_grant(uow: SqlUnitOfWork) -> N
     pro = grant(uow, "erin", 25, source="purchase")
     ledger.debit(ledger.DebitCredits(account_id="erin", amount=7, idempotency_key=key()), uow)
     ledger.claw_back(
-        ledger.ClawBack(account_id="erin", amount=25, lot_id=pro.id, reason="dispute", idempotency_key=key()),
+        ledger.ClawBack(
+            account_id="erin", amount=25, lot_id=pro.id, reason="dispute", idempotency_key=key()
+        ),
         uow,
     )
     balance = ledger.get_balance("erin", uow)
@@ -133,13 +147,20 @@ def test_debt_from_clawback_is_repaid_by_the_next_grant(uow: SqlUnitOfWork) -> N
 
 def test_adjust_and_void(uow: SqlUnitOfWork) -> None:
     lot = grant(uow, "fay", 5)
-    ledger.adjust(ledger.Adjust(account_id="fay", delta=-7, reason="correction", idempotency_key=key()), uow)
+    ledger.adjust(
+        ledger.Adjust(account_id="fay", delta=-7, reason="correction", idempotency_key=key()), uow
+    )
     assert ledger.get_balance("fay", uow).debt == 2
-    ledger.adjust(ledger.Adjust(account_id="fay", delta=2, reason="forgiven", idempotency_key=key()), uow)
+    ledger.adjust(
+        ledger.Adjust(account_id="fay", delta=2, reason="forgiven", idempotency_key=key()), uow
+    )
     assert ledger.get_balance("fay", uow).debt == 0
     other = grant(uow, "fay", 4)
-    voided = ledger.void_lot(ledger.VoidLot(lot_id=other.id, reason="fraud", idempotency_key=key()), uow)
-    assert voided.voided_at is not None and voided.remaining == 0
+    voided = ledger.void_lot(
+        ledger.VoidLot(lot_id=other.id, reason="fraud", idempotency_key=key()), uow
+    )
+    assert voided.voided_at is not None
+    assert voided.remaining == 0
     assert lot.id != other.id
     assert_conserved(uow)
 
@@ -156,7 +177,10 @@ def test_idempotent_replay_and_reuse(uow: SqlUnitOfWork) -> None:
     with pytest.raises(IdempotencyKeyReused):
         ledger.place_hold(ledger.PlaceHold(account_id="gus", amount=3, idempotency_key="once"), uow)
     # Keys are per caller: another platform may use the same key.
-    ledger.debit(ledger.DebitCredits(account_id="gus", amount=3, idempotency_key="once", platform_id="p2"), uow)
+    ledger.debit(
+        ledger.DebitCredits(account_id="gus", amount=3, idempotency_key="once", platform_id="p2"),
+        uow,
+    )
     assert available(uow, "gus") == 4
     lot_cmd = ledger.GrantCredits(account_id="gus", amount=2, idempotency_key="g1")
     assert ledger.grant(lot_cmd, uow) == ledger.grant(lot_cmd, uow)
@@ -179,26 +203,121 @@ def _journal_size(uow: SqlUnitOfWork) -> int:
 
 
 BAD_CHANGES: list[tuple[str, Any, type[TallyError]]] = [
-    ("float", lambda: ledger.GrantCredits(account_id="ivy", amount=1.5, idempotency_key=key()), InvalidAmount),  # type: ignore[arg-type]
-    ("string", lambda: ledger.DebitCredits(account_id="ivy", amount="two", idempotency_key=key()), InvalidAmount),  # type: ignore[arg-type]
-    ("zero", lambda: ledger.DebitCredits(account_id="ivy", amount=0, idempotency_key=key()), InvalidAmount),
-    ("negative", lambda: ledger.PlaceHold(account_id="ivy", amount=-1, idempotency_key=key()), InvalidAmount),
-    ("huge", lambda: ledger.GrantCredits(account_id="ivy", amount=2**53 + 1, idempotency_key=key()), InvalidAmount),
-    ("bool", lambda: ledger.GrantCredits(account_id="ivy", amount=True, idempotency_key=key()), InvalidAmount),
-    ("unknown account", lambda: ledger.DebitCredits(account_id="nobody", amount=1, idempotency_key=key()), AccountNotFound),
-    ("bad account id", lambda: ledger.DebitCredits(account_id="no body", amount=1, idempotency_key=key()), InvalidInput),
-    ("unknown hold", lambda: ledger.CaptureHold(hold_id="hold_00000000000000000000000000", idempotency_key=key()), HoldNotFound),
-    ("malformed hold id", lambda: ledger.ReleaseHold(hold_id="'; drop table", idempotency_key=key()), HoldNotFound),
-    ("unknown lot", lambda: ledger.VoidLot(lot_id="lot_00000000000000000000000000", reason="x", idempotency_key=key()), LotNotFound),
-    ("bad duration", lambda: ledger.GrantCredits(account_id="ivy", amount=1, valid_for="2 years", idempotency_key=key()), InvalidDuration),
-    ("both validities", lambda: ledger.GrantCredits(account_id="ivy", amount=1, valid_for="P1D", expires_at=FakeClock()(), idempotency_key=key()), InvalidInput),
-    ("past expiry", lambda: ledger.GrantCredits(account_id="ivy", amount=1, expires_at=FakeClock()() - timedelta(days=1), idempotency_key=key()), InvalidTime),
-    ("unknown source", lambda: ledger.GrantCredits(account_id="ivy", amount=1, source="magic", idempotency_key=key()), InvalidInput),
-    ("long ttl", lambda: ledger.PlaceHold(account_id="ivy", amount=1, ttl_seconds=86_401, idempotency_key=key()), InvalidInput),
-    ("empty key", lambda: ledger.DebitCredits(account_id="ivy", amount=1, idempotency_key=""), InvalidIdempotencyKey),
-    ("huge metadata", lambda: ledger.DebitCredits(account_id="ivy", amount=1, metadata={"x": "y" * 5000}, idempotency_key=key()), InvalidInput),
+    (
+        "float",
+        lambda: ledger.GrantCredits(account_id="ivy", amount=1.5, idempotency_key=key()),  # type: ignore[arg-type]
+        InvalidAmount,
+    ),
+    (
+        "string",
+        lambda: ledger.DebitCredits(account_id="ivy", amount="two", idempotency_key=key()),  # type: ignore[arg-type]
+        InvalidAmount,
+    ),
+    (
+        "zero",
+        lambda: ledger.DebitCredits(account_id="ivy", amount=0, idempotency_key=key()),
+        InvalidAmount,
+    ),
+    (
+        "negative",
+        lambda: ledger.PlaceHold(account_id="ivy", amount=-1, idempotency_key=key()),
+        InvalidAmount,
+    ),
+    (
+        "huge",
+        lambda: ledger.GrantCredits(account_id="ivy", amount=2**53 + 1, idempotency_key=key()),
+        InvalidAmount,
+    ),
+    (
+        "bool",
+        lambda: ledger.GrantCredits(account_id="ivy", amount=True, idempotency_key=key()),
+        InvalidAmount,
+    ),
+    (
+        "unknown account",
+        lambda: ledger.DebitCredits(account_id="nobody", amount=1, idempotency_key=key()),
+        AccountNotFound,
+    ),
+    (
+        "bad account id",
+        lambda: ledger.DebitCredits(account_id="no body", amount=1, idempotency_key=key()),
+        InvalidInput,
+    ),
+    (
+        "unknown hold",
+        lambda: ledger.CaptureHold(
+            hold_id="hold_00000000000000000000000000", idempotency_key=key()
+        ),
+        HoldNotFound,
+    ),
+    (
+        "malformed hold id",
+        lambda: ledger.ReleaseHold(hold_id="'; drop table", idempotency_key=key()),
+        HoldNotFound,
+    ),
+    (
+        "unknown lot",
+        lambda: ledger.VoidLot(
+            lot_id="lot_00000000000000000000000000", reason="x", idempotency_key=key()
+        ),
+        LotNotFound,
+    ),
+    (
+        "bad duration",
+        lambda: ledger.GrantCredits(
+            account_id="ivy", amount=1, valid_for="2 years", idempotency_key=key()
+        ),
+        InvalidDuration,
+    ),
+    (
+        "both validities",
+        lambda: ledger.GrantCredits(
+            account_id="ivy",
+            amount=1,
+            valid_for="P1D",
+            expires_at=FakeClock()(),
+            idempotency_key=key(),
+        ),
+        InvalidInput,
+    ),
+    (
+        "past expiry",
+        lambda: ledger.GrantCredits(
+            account_id="ivy",
+            amount=1,
+            expires_at=FakeClock()() - timedelta(days=1),
+            idempotency_key=key(),
+        ),
+        InvalidTime,
+    ),
+    (
+        "unknown source",
+        lambda: ledger.GrantCredits(
+            account_id="ivy", amount=1, source="magic", idempotency_key=key()
+        ),
+        InvalidInput,
+    ),
+    (
+        "long ttl",
+        lambda: ledger.PlaceHold(
+            account_id="ivy", amount=1, ttl_seconds=86_401, idempotency_key=key()
+        ),
+        InvalidInput,
+    ),
+    (
+        "empty key",
+        lambda: ledger.DebitCredits(account_id="ivy", amount=1, idempotency_key=""),
+        InvalidIdempotencyKey,
+    ),
+    (
+        "huge metadata",
+        lambda: ledger.DebitCredits(
+            account_id="ivy", amount=1, metadata={"x": "y" * 5000}, idempotency_key=key()
+        ),
+        InvalidInput,
+    ),
 ]
-RUNNERS = {
+RUNNERS: dict[type, Any] = {
     ledger.GrantCredits: ledger.grant,
     ledger.DebitCredits: ledger.debit,
     ledger.PlaceHold: ledger.place_hold,
@@ -222,7 +341,9 @@ def test_bad_input_is_refused_and_changes_nothing(
 
 def test_capture_errors_change_nothing(uow: SqlUnitOfWork) -> None:
     grant(uow, "jan", 5)
-    hold = ledger.place_hold(ledger.PlaceHold(account_id="jan", amount=3, idempotency_key=key()), uow)
+    hold = ledger.place_hold(
+        ledger.PlaceHold(account_id="jan", amount=3, idempotency_key=key()), uow
+    )
     with pytest.raises(CaptureExceedsHold):
         ledger.capture(ledger.CaptureHold(hold_id=hold.id, amount=4, idempotency_key=key()), uow)
     ledger.capture(ledger.CaptureHold(hold_id=hold.id, amount=3, idempotency_key=key()), uow)
@@ -237,7 +358,9 @@ def test_balance_at_a_past_time_from_the_journal(uow: SqlUnitOfWork, clock: Fake
     t_granted = clock()
     clock.advance(hours=1)
     ledger.debit(ledger.DebitCredits(account_id="kim", amount=4, idempotency_key=key()), uow)
-    hold = ledger.place_hold(ledger.PlaceHold(account_id="kim", amount=2, idempotency_key=key()), uow)
+    hold = ledger.place_hold(
+        ledger.PlaceHold(account_id="kim", amount=2, idempotency_key=key()), uow
+    )
     t_held = clock()
     clock.advance(minutes=1)
     ledger.capture(ledger.CaptureHold(hold_id=hold.id, idempotency_key=key()), uow)
@@ -270,7 +393,10 @@ def test_the_journal_is_append_only_in_the_database(uow: SqlUnitOfWork) -> None:
         update(entries).values(amount=500),
         entries.delete(),
     ):
-        with pytest.raises(DBAPIError, match="immutable"), uow.database.engine.begin() as connection:
+        with (
+            pytest.raises(DBAPIError, match="immutable"),
+            uow.database.engine.begin() as connection,
+        ):
             connection.execute(statement)
     assert_conserved(uow)
 
@@ -284,7 +410,9 @@ def test_the_journal_is_append_only_in_the_database(uow: SqlUnitOfWork) -> None:
         {"amount": 5, "remaining": 5, "source": "stolen"},
     ],
 )
-def test_the_database_refuses_impossible_lots(uow: SqlUnitOfWork, clock: FakeClock, values: dict[str, Any]) -> None:
+def test_the_database_refuses_impossible_lots(
+    uow: SqlUnitOfWork, clock: FakeClock, values: dict[str, Any]
+) -> None:
     grant(uow, "ned", 1)
     row = {
         "lot_id": "lot_x",
@@ -300,7 +428,12 @@ def test_the_database_refuses_impossible_lots(uow: SqlUnitOfWork, clock: FakeClo
 
 def test_entries_are_numbered_and_carry_the_key(uow: SqlUnitOfWork) -> None:
     grant(uow, "ola", 5)
-    ledger.debit(ledger.DebitCredits(account_id="ola", amount=2, idempotency_key="job-9", platform_id="portraits"), uow)
+    ledger.debit(
+        ledger.DebitCredits(
+            account_id="ola", amount=2, idempotency_key="job-9", platform_id="portraits"
+        ),
+        uow,
+    )
     newest = ledger.list_entries("ola", uow, limit=1)[0]
     assert (newest.seq, newest.type, newest.idempotency_key, newest.platform_id) == (
         2,
@@ -311,7 +444,9 @@ def test_entries_are_numbered_and_carry_the_key(uow: SqlUnitOfWork) -> None:
     older = ledger.list_entries("ola", uow, limit=5, before_seq=2)
     assert [e.seq for e in older] == [1]
     with uow.read_only() as reader:
-        count = reader.accounts.connection.execute(select(text("count(*)")).select_from(entries)).scalar()
+        count = reader.accounts.connection.execute(
+            select(text("count(*)")).select_from(entries)
+        ).scalar()
     assert count == 2
 
 

@@ -131,12 +131,15 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @initialize(target=lots, amount=st.integers(1, 40))
     def first_grant(self, amount: int) -> str:
-        return self.grant(amount, None, 0)
+        lot_id: str = self.grant(amount, None, 0)  # type: ignore[assignment]
+        return lot_id
 
     @rule(
         target=lots,
         amount=st.integers(1, 40),
-        validity=st.sampled_from([None, "PT1H", "P1D", "P30D", "midnight", "midnight", "next midnight"]),
+        validity=st.sampled_from(
+            [None, "PT1H", "P1D", "P30D", "midnight", "midnight", "next midnight"]
+        ),
         priority=st.integers(0, 1),
     )
     def grant(self, amount: int, validity: str | None, priority: int) -> str:
@@ -232,7 +235,9 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(amount=st.integers(1, 30))
     def debit(self, amount: int) -> None:
         now = self.step()
-        cmd = ledger.DebitCredits(account_id=self.account, amount=amount, idempotency_key=self.key())
+        cmd = ledger.DebitCredits(
+            account_id=self.account, amount=amount, idempotency_key=self.key()
+        )
         if self.model.available(now) < amount:
             with pytest.raises(InsufficientCredits):
                 ledger.debit(cmd, self.uow)
@@ -287,7 +292,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if not self.done:
             return
         cmd, first = data.draw(st.sampled_from(self.done))
-        runner = {
+        runner: Any = {
             ledger.GrantCredits: ledger.grant,
             ledger.PlaceHold: ledger.place_hold,
             ledger.DebitCredits: ledger.debit,
@@ -323,4 +328,3 @@ def test_ledger_matches_the_model(db: Database, clock: FakeClock) -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
-

@@ -1,4 +1,4 @@
-"""The account aggregate, with no I/O: spending order, holds, expiry, debt, the journal."""
+"""The account aggregate, with no I/ORIGIN: spending order, holds, expiry, debt, the journal."""
 
 from __future__ import annotations
 
@@ -26,17 +26,24 @@ from tally.domain.model import (
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-O = Origin(idempotency_key="k")
+ORIGIN = Origin(idempotency_key="k")
 
 
 def account() -> Account:
     return Account("alice", None, 0, 0, T0)
 
 
-def grant(acct: Account, amount: int, *, days: int | None = None, priority: int = 0, at: datetime = T0) -> str:
+def grant(
+    acct: Account, amount: int, *, days: int | None = None, priority: int = 0, at: datetime = T0
+) -> str:
     expires = None if days is None else at + timedelta(days=days)
     return acct.grant(
-        amount=amount, source="purchase", expires_at=expires, priority=priority, now=at, origin=O
+        amount=amount,
+        source="purchase",
+        expires_at=expires,
+        priority=priority,
+        now=at,
+        origin=ORIGIN,
     ).id
 
 
@@ -54,7 +61,7 @@ def test_spending_order_soonest_expiry_then_priority_then_oldest() -> None:
     late = grant(acct, 5, days=60)
     soon_low = grant(acct, 5, days=10, priority=1, at=T0)
     soon_high = grant(acct, 5, days=10, priority=0, at=T0 + timedelta(seconds=1))
-    hold = acct.place_hold(amount=20, ttl_seconds=60, now=T0 + timedelta(seconds=2), origin=O)
+    hold = acct.place_hold(amount=20, ttl_seconds=60, now=T0 + timedelta(seconds=2), origin=ORIGIN)
     # soon_high's expiry is one second later, so soon_low (same priority order aside) goes first
     assert [a.lot_id for a in hold.allocations] == [soon_low, soon_high, late, never]
 
@@ -62,9 +69,13 @@ def test_spending_order_soonest_expiry_then_priority_then_oldest() -> None:
 def test_priority_breaks_ties_on_equal_expiry() -> None:
     acct = account()
     expires = T0 + timedelta(days=10)
-    first = acct.grant(amount=3, source="gift", expires_at=expires, priority=5, now=T0, origin=O).id
-    second = acct.grant(amount=3, source="gift", expires_at=expires, priority=1, now=T0, origin=O).id
-    debit = acct.debit(amount=4, now=T0, origin=O)
+    first = acct.grant(
+        amount=3, source="gift", expires_at=expires, priority=5, now=T0, origin=ORIGIN
+    ).id
+    second = acct.grant(
+        amount=3, source="gift", expires_at=expires, priority=1, now=T0, origin=ORIGIN
+    ).id
+    debit = acct.debit(amount=4, now=T0, origin=ORIGIN)
     assert [(a.lot_id, a.amount) for a in debit.allocations] == [(second, 3), (first, 1)]
 
 
@@ -72,48 +83,54 @@ def test_partial_capture_keeps_soonest_lots_and_returns_the_rest() -> None:
     acct = account()
     soon = grant(acct, 3, days=1)
     never = grant(acct, 10)
-    hold = acct.place_hold(amount=6, ttl_seconds=60, now=T0, origin=O)
-    assert acct.balance(T0).available == 7 and acct.balance(T0).held == 6
-    acct.capture(hold.id, 4, T0, O)
-    assert hold.status is HoldStatus.CAPTURED and hold.captured == 4
-    assert acct.lots[soon].remaining == 0 and acct.lots[never].remaining == 9
-    assert acct.balance(T0).available == 9 and acct.balance(T0).held == 0
+    hold = acct.place_hold(amount=6, ttl_seconds=60, now=T0, origin=ORIGIN)
+    assert acct.balance(T0).available == 7
+    assert acct.balance(T0).held == 6
+    acct.capture(hold.id, 4, T0, ORIGIN)
+    assert hold.status is HoldStatus.CAPTURED
+    assert hold.captured == 4
+    assert acct.lots[soon].remaining == 0
+    assert acct.lots[never].remaining == 9
+    assert acct.balance(T0).available == 9
+    assert acct.balance(T0).held == 0
     journal_matches_projection(acct)
 
 
 def test_release_returns_everything_to_the_same_lots() -> None:
     acct = account()
     lot = grant(acct, 5)
-    hold = acct.place_hold(amount=5, ttl_seconds=60, now=T0, origin=O)
+    hold = acct.place_hold(amount=5, ttl_seconds=60, now=T0, origin=ORIGIN)
     assert acct.lots[lot].remaining == 0
-    acct.release(hold.id, T0, O)
-    assert acct.lots[lot].remaining == 5 and hold.status is HoldStatus.RELEASED
+    acct.release(hold.id, T0, ORIGIN)
+    assert acct.lots[lot].remaining == 5
+    assert hold.status is HoldStatus.RELEASED
     journal_matches_projection(acct)
 
 
 def test_hold_state_errors() -> None:
     acct = account()
     grant(acct, 5)
-    hold = acct.place_hold(amount=3, ttl_seconds=60, now=T0, origin=O)
+    hold = acct.place_hold(amount=3, ttl_seconds=60, now=T0, origin=ORIGIN)
     with pytest.raises(CaptureExceedsHold):
-        acct.capture(hold.id, 4, T0, O)
-    acct.capture(hold.id, None, T0, O)
+        acct.capture(hold.id, 4, T0, ORIGIN)
+    acct.capture(hold.id, None, T0, ORIGIN)
     with pytest.raises(HoldNotPending):
-        acct.capture(hold.id, 1, T0, O)
+        acct.capture(hold.id, 1, T0, ORIGIN)
     with pytest.raises(HoldNotPending):
-        acct.release(hold.id, T0, O)
+        acct.release(hold.id, T0, ORIGIN)
     with pytest.raises(HoldNotFound):
-        acct.release("hold_nope", T0, O)
+        acct.release("hold_nope", T0, ORIGIN)
 
 
 def test_a_lapsed_hold_counts_as_released_at_once_and_cannot_be_captured() -> None:
     acct = account()
     grant(acct, 5)
-    hold = acct.place_hold(amount=5, ttl_seconds=60, now=T0, origin=O)
+    hold = acct.place_hold(amount=5, ttl_seconds=60, now=T0, origin=ORIGIN)
     later = T0 + timedelta(seconds=60)
-    assert acct.balance(later).available == 5 and acct.balance(later).held == 0
+    assert acct.balance(later).available == 5
+    assert acct.balance(later).held == 0
     with pytest.raises(HoldNotPending, match="expired"):
-        acct.capture(hold.id, None, later, O)
+        acct.capture(hold.id, None, later, ORIGIN)
     acct.settle(later)
     assert hold.status is HoldStatus.EXPIRED
     assert acct.new_entries[-1].type is EntryType.RELEASE
@@ -126,25 +143,28 @@ def test_expired_lot_counts_zero_before_the_sweep_and_settle_writes_it() -> None
     grant(acct, 2)
     after = T0 + timedelta(days=1)
     balance = acct.balance(after - timedelta(seconds=1))
-    assert balance.available == 7 and balance.next_expiry is not None
+    assert balance.available == 7
+    assert balance.next_expiry is not None
     assert balance.next_expiry.amount == 5
-    assert acct.balance(after).available == 2 and acct.balance(after).next_expiry is None
+    assert acct.balance(after).available == 2
+    assert acct.balance(after).next_expiry is None
     with pytest.raises(InsufficientCredits) as refused:
-        acct.debit(amount=3, now=after, origin=O)
+        acct.debit(amount=3, now=after, origin=ORIGIN)
     assert refused.value.extra == {"available": 2, "required": 3}
     acct.settle(after)
     assert acct.lots[lot].remaining == 0
-    assert acct.new_entries[-1].type is EntryType.EXPIRE and acct.new_entries[-1].amount == 5
+    assert acct.new_entries[-1].type is EntryType.EXPIRE
+    assert acct.new_entries[-1].amount == 5
     journal_matches_projection(acct)
 
 
 def test_credits_held_from_a_lot_that_expires_meanwhile_expire_when_released() -> None:
     acct = account()
     lot = grant(acct, 5, days=1)
-    hold = acct.place_hold(amount=5, ttl_seconds=3600, now=T0 + timedelta(hours=23), origin=O)
-    acct.release(hold.id, T0 + timedelta(hours=23, minutes=30), O)  # not expired yet
-    hold = acct.place_hold(amount=5, ttl_seconds=7200, now=T0 + timedelta(hours=23), origin=O)
-    acct.release(hold.id, T0 + timedelta(days=1, hours=0, minutes=30), O)
+    hold = acct.place_hold(amount=5, ttl_seconds=3600, now=T0 + timedelta(hours=23), origin=ORIGIN)
+    acct.release(hold.id, T0 + timedelta(hours=23, minutes=30), ORIGIN)  # not expired yet
+    hold = acct.place_hold(amount=5, ttl_seconds=7200, now=T0 + timedelta(hours=23), origin=ORIGIN)
+    acct.release(hold.id, T0 + timedelta(days=1, hours=0, minutes=30), ORIGIN)
     assert acct.lots[lot].remaining == 0
     assert [e.type for e in acct.new_entries[-2:]] == [EntryType.RELEASE, EntryType.EXPIRE]
     journal_matches_projection(acct)
@@ -154,8 +174,8 @@ def test_capture_of_credits_from_an_expired_lot_is_allowed() -> None:
     """A job started before expiry may finish after it: held credits belong to the hold."""
     acct = account()
     grant(acct, 5, days=1)
-    hold = acct.place_hold(amount=4, ttl_seconds=7200, now=T0 + timedelta(hours=23), origin=O)
-    acct.capture(hold.id, 4, T0 + timedelta(days=1, minutes=5), O)
+    hold = acct.place_hold(amount=4, ttl_seconds=7200, now=T0 + timedelta(hours=23), origin=ORIGIN)
+    acct.capture(hold.id, 4, T0 + timedelta(days=1, minutes=5), ORIGIN)
     assert hold.captured == 4
     journal_matches_projection(acct)
 
@@ -163,12 +183,12 @@ def test_capture_of_credits_from_an_expired_lot_is_allowed() -> None:
 def test_void_lot_and_credits_held_from_it() -> None:
     acct = account()
     lot = grant(acct, 10)
-    hold = acct.place_hold(amount=4, ttl_seconds=60, now=T0, origin=O)
-    acct.void_lot(lot, T0, O)
+    hold = acct.place_hold(amount=4, ttl_seconds=60, now=T0, origin=ORIGIN)
+    acct.void_lot(lot, T0, ORIGIN)
     assert acct.balance(T0).available == 0
     with pytest.raises(LotVoided):
-        acct.void_lot(lot, T0, O)
-    acct.release(hold.id, T0, O)
+        acct.void_lot(lot, T0, ORIGIN)
+    acct.release(hold.id, T0, ORIGIN)
     assert acct.lots[lot].remaining == 0
     assert [e.type for e in acct.new_entries[-2:]] == [EntryType.RELEASE, EntryType.VOID]
     journal_matches_projection(acct)
@@ -177,13 +197,15 @@ def test_void_lot_and_credits_held_from_it() -> None:
 def test_story_buys_pro_spends_7_disputes_buys_popular_debt_repaid_3_left() -> None:
     acct = account()
     pro = grant(acct, 25)
-    acct.debit(amount=7, now=T0, origin=O)
+    acct.debit(amount=7, now=T0, origin=ORIGIN)
     # The dispute takes the Pro lot back: 18 unspent are taken, 7 spent become debt.
-    acct.clawback(amount=25, now=T0, origin=O, lot_id=pro)
-    assert acct.balance(T0).available == 0 and acct.debt == 7
-    acct.grant(amount=10, source="purchase", expires_at=None, priority=0, now=T0, origin=O)
+    acct.clawback(amount=25, now=T0, origin=ORIGIN, lot_id=pro)
+    assert acct.balance(T0).available == 0
+    assert acct.debt == 7
+    acct.grant(amount=10, source="purchase", expires_at=None, priority=0, now=T0, origin=ORIGIN)
     balance = acct.balance(T0)
-    assert balance.debt == 0 and balance.available == 3
+    assert balance.debt == 0
+    assert balance.available == 3
     assert [e.type for e in acct.new_entries[-3:]] == [
         EntryType.GRANT,
         EntryType.ADJUSTMENT,
@@ -195,11 +217,12 @@ def test_story_buys_pro_spends_7_disputes_buys_popular_debt_repaid_3_left() -> N
 def test_adjustments_take_credits_or_forgive_debt_but_never_create_credits() -> None:
     acct = account()
     grant(acct, 3)
-    acct.adjust(delta=-5, now=T0, origin=O)
-    assert acct.balance(T0).available == 0 and acct.debt == 2
+    acct.adjust(delta=-5, now=T0, origin=ORIGIN)
+    assert acct.balance(T0).available == 0
+    assert acct.debt == 2
     with pytest.raises(InvalidInput):
-        acct.adjust(delta=3, now=T0, origin=O)
-    acct.adjust(delta=2, now=T0, origin=O)
+        acct.adjust(delta=3, now=T0, origin=ORIGIN)
+    acct.adjust(delta=2, now=T0, origin=ORIGIN)
     assert acct.debt == 0
     journal_matches_projection(acct)
 
@@ -207,12 +230,13 @@ def test_adjustments_take_credits_or_forgive_debt_but_never_create_credits() -> 
 def test_grant_refuses_bad_values() -> None:
     acct = account()
     with pytest.raises(InvalidInput):
-        acct.grant(amount=1, source="stolen", expires_at=None, priority=0, now=T0, origin=O)
+        acct.grant(amount=1, source="stolen", expires_at=None, priority=0, now=T0, origin=ORIGIN)
     with pytest.raises(InvalidTime):
-        acct.grant(amount=1, source="gift", expires_at=T0, priority=0, now=T0, origin=O)
+        acct.grant(amount=1, source="gift", expires_at=T0, priority=0, now=T0, origin=ORIGIN)
     with pytest.raises(InvalidInput):
-        acct.grant(amount=1, source="gift", expires_at=None, priority=10**9, now=T0, origin=O)
-    assert acct.new_entries == [] and acct.lots == {}
+        acct.grant(amount=1, source="gift", expires_at=None, priority=10**9, now=T0, origin=ORIGIN)
+    assert acct.new_entries == []
+    assert acct.lots == {}
 
 
 def test_ttl_bounds() -> None:
@@ -220,18 +244,18 @@ def test_ttl_bounds() -> None:
     grant(acct, 5)
     for ttl in (0, 86_401):
         with pytest.raises(InvalidInput):
-            acct.place_hold(amount=1, ttl_seconds=ttl, now=T0, origin=O)
+            acct.place_hold(amount=1, ttl_seconds=ttl, now=T0, origin=ORIGIN)
 
 
 def test_account_at_replays_the_journal() -> None:
     acct = account()
     grant(acct, 5, days=2)
     t1 = T0 + timedelta(hours=1)
-    acct.debit(amount=2, now=t1, origin=O)
-    hold = acct.place_hold(amount=1, ttl_seconds=7200, now=t1, origin=O)
+    acct.debit(amount=2, now=t1, origin=ORIGIN)
+    hold = acct.place_hold(amount=1, ttl_seconds=7200, now=t1, origin=ORIGIN)
     snapshot = acct.balance(t1)
     t2 = T0 + timedelta(hours=2)
-    acct.capture(hold.id, None, t2, O)
+    acct.capture(hold.id, None, t2, ORIGIN)
     at_t1 = [e for e in acct.new_entries if e.created_at <= t1]
     replayed = account_at("alice", list(acct.lots.values()), [hold], at_t1, t1)
     assert replayed.balance(t1) == snapshot

@@ -93,6 +93,9 @@ def test_bad_idempotency_keys(bad: str) -> None:
 def test_ids_are_prefixed_sortable_and_unique() -> None:
     early = values.new_id("lot", datetime(2026, 1, 1, tzinfo=UTC))
     late = values.new_id("lot", datetime(2026, 1, 2, tzinfo=UTC))
-    assert values.is_id(early, "lot") and not values.is_id(early, "hold")
+    assert values.is_id(early, "lot")
+    assert not values.is_id(early, "hold")
     assert early[:14] < late[:14]
-    assert len({values.new_id("ent", datetime(2026, 1, 1, tzinfo=UTC)) for _ in range(1000)}) == 1000
+    assert (
+        len({values.new_id("ent", datetime(2026, 1, 1, tzinfo=UTC)) for _ in range(1000)}) == 1000
+    )

@@ -251,7 +251,9 @@ class Account:
         if by_expiry:
             soonest = min(by_expiry)
             next_expiry = NextExpiry(at=soonest, amount=by_expiry[soonest])
-        assert available >= 0 and held >= 0 and self.debt >= 0
+        assert available >= 0
+        assert held >= 0
+        assert self.debt >= 0
         return Balance(self.account_id, available, held, self.debt, {}, next_expiry)
 
     def lots_in_spending_order(self, now: datetime) -> list[Lot]:

@@ -185,7 +185,9 @@ def release(
     tally = _tally()
     try:
         released = ledger.release(
-            ledger.ReleaseHold(hold_id=hold_id, reason=reason, idempotency_key=_key(idempotency_key)),
+            ledger.ReleaseHold(
+                hold_id=hold_id, reason=reason, idempotency_key=_key(idempotency_key)
+            ),
             tally.uow(),
         )
         _print(hold_view(released, tally.clock()))
@@ -260,9 +262,7 @@ def clawback(
 
 @app.command()
 @refusals
-def entries(
-    account_id: str, limit: Annotated[int, typer.Option(min=1, max=500)] = 20
-) -> None:
+def entries(account_id: str, limit: Annotated[int, typer.Option(min=1, max=500)] = 20) -> None:
     """Print an account's journal, newest first."""
     tally = _tally()
     try:
@@ -307,7 +307,9 @@ def sweep() -> None:
         result = ledger.sweep(tally.uow())
     finally:
         tally.close()
-    log.info("sweep", accounts=result.accounts, holds=result.holds_expired, lots=result.lots_expired)
+    log.info(
+        "sweep", accounts=result.accounts, holds=result.holds_expired, lots=result.lots_expired
+    )
     typer.echo(
         f"swept {result.accounts} accounts: {result.holds_expired} holds and "
         f"{result.lots_expired} lots expired"

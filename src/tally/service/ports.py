@@ -16,7 +16,7 @@ class Clock(Protocol):
     def __call__(self) -> datetime: ...
 
 
-class IdempotencyRace(Exception):  # noqa: N818 - a signal between layers, not a TallyError
+class IdempotencyRace(Exception):
     """Another transaction stored a result under the same key first; look it up and replay."""
 
 
@@ -70,8 +70,6 @@ class Accounts(Protocol):
     def due(self, now: datetime, limit: int) -> list[str]:
         """Accounts with a lapsed hold or an expired lot not yet written down."""
 
-    def lots(self, account_id: str) -> list[Lot]: ...
-
 
 class Journal(Protocol):
     def entries(self, account_id: str, *, limit: int, before_seq: int | None) -> list[Entry]: ...
@@ -100,11 +98,21 @@ class Audit(Protocol):
 
 
 class UnitOfWork(Protocol):
-    accounts: Accounts
-    journal: Journal
-    idempotency: IdempotencyStore
-    audit: Audit
-    clock: Clock
+    # Read-only properties, so adapters may narrow them to their own repository types.
+    @property
+    def accounts(self) -> Accounts: ...
+
+    @property
+    def journal(self) -> Journal: ...
+
+    @property
+    def idempotency(self) -> IdempotencyStore: ...
+
+    @property
+    def audit(self) -> Audit: ...
+
+    @property
+    def clock(self) -> Clock: ...
 
     def __enter__(self) -> Self: ...
 

@@ -41,7 +41,7 @@ class SqlAudit:
 
     def _lots(self, report: AuditReport, violations: list[str], now: datetime) -> None:
         pending_by_lot: dict[str, int] = dict(
-            self.connection.execute(  # type: ignore[arg-type]
+            self.connection.execute(
                 select(hold_allocations.c.lot_id, func.sum(hold_allocations.c.amount))
                 .join(holds, holds.c.hold_id == hold_allocations.c.hold_id)
                 .where(holds.c.status == HoldStatus.PENDING.value)
@@ -110,7 +110,7 @@ class SqlAudit:
 
     def _holds(self, report: AuditReport, violations: list[str], now: datetime) -> None:
         allocated: dict[str, int] = dict(
-            self.connection.execute(  # type: ignore[arg-type]
+            self.connection.execute(
                 select(hold_allocations.c.hold_id, func.sum(hold_allocations.c.amount)).group_by(
                     hold_allocations.c.hold_id
                 )

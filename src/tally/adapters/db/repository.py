@@ -228,9 +228,7 @@ class SqlAccounts:
                     for lot in account.new_lots
                 ],
             )
-        changed_lots = [
-            account.lots[lot_id] for lot_id in account.changed_lot_ids - new_lot_ids
-        ]
+        changed_lots = [account.lots[lot_id] for lot_id in account.changed_lot_ids - new_lot_ids]
         if changed_lots:
             connection.execute(
                 update(lots)
@@ -321,9 +319,7 @@ class SqlAccounts:
         return found
 
     def due(self, now: datetime, limit: int) -> list[str]:
-        due_lots = select(lots.c.account_id).where(
-            lots.c.remaining > 0, lots.c.expires_at <= now
-        )
+        due_lots = select(lots.c.account_id).where(lots.c.remaining > 0, lots.c.expires_at <= now)
         due_holds = select(holds.c.account_id).where(
             holds.c.status == HoldStatus.PENDING.value, holds.c.expires_at <= now
         )
