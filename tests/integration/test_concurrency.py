@@ -86,7 +86,7 @@ def test_many_threads_never_overdraw(pooled: Database) -> None:
     errors = [e for e in _run_together(THREADS, attempt) if e is not None]
     assert errors == []
     assert sum(outcomes.values()) == ATTEMPTS
-    assert outcomes["refused"] > 0, "the test must run the account dry to mean anything"
+    assert outcomes["refused"] > 0, f"the test must run the account dry: {outcomes}"
     spent = outcomes["debited"] * PRICE + outcomes["captured"] * 1
     balance = ledger.get_balance("hot", uow)
     assert balance.available == STOCK - spent >= 0

@@ -210,6 +210,8 @@ class Account:
     debt: int
     entry_seq: int
     created_at: datetime
+    #: Holds still `pending` in the database (lapsed or not): lets a load skip the holds query.
+    pending_holds: int = 0
     lots: dict[str, Lot] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
     # What changed since load, for the repository to write.
@@ -332,8 +334,7 @@ class Account:
         """Reserve credits for a job: they leave their lots now and return if released."""
         if not 1 <= ttl_seconds <= MAX_HOLD_TTL_SECONDS:
             raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_HOLD_TTL_SECONDS}")
-        pending = sum(1 for h in self.holds.values() if h.status is HoldStatus.PENDING)
-        if pending >= MAX_PENDING_HOLDS:
+        if self.pending_holds >= MAX_PENDING_HOLDS:
             raise TooManyPendingHolds(limit=MAX_PENDING_HOLDS)
         allocations = allocate(list(self.lots.values()), amount, now)
         hold = Hold(
@@ -351,6 +352,7 @@ class Account:
             self._take(lot, allocation.amount, EntryType.HOLD, now, origin, hold_id=hold.id)
         self.holds[hold.id] = hold
         self.new_holds.append(hold)
+        self.pending_holds += 1
         return hold
 
     def capture(self, hold_id: str, amount: int | None, now: datetime, origin: Origin) -> Hold:
@@ -531,7 +533,11 @@ class Account:
         return self._record(kind, signed, now, origin, lot_id=lot.id, hold_id=hold_id)
 
     def _hold_changed(self, hold: Hold) -> None:
+        """Called once per hold when it leaves `pending`."""
+        assert hold.status is not HoldStatus.PENDING
         self.changed_hold_ids.add(hold.id)
+        self.pending_holds -= 1
+        assert self.pending_holds >= 0
 
     def _record(
         self,

@@ -134,18 +134,18 @@ def format_time(value: datetime | None) -> str | None:
 
 
 _ID_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
-_ID_RANDOM_CHARS: Final = 16  # 80 bits
+_ID_RANDOM_BITS: Final = 80
 
 
 def new_id(prefix: str, now: datetime) -> str:
-    """`prefix_` + 10 symbols of milliseconds + 16 random symbols: unique and time-sorted."""
-    millis = int(now.timestamp() * 1000)
-    stamp = []
-    for _ in range(10):
-        millis, digit = divmod(millis, 32)
-        stamp.append(_ID_ALPHABET[digit])
-    tail = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_RANDOM_CHARS))
-    return f"{prefix}_{''.join(reversed(stamp))}{tail}"
+    """`prefix_` + 10 symbols of milliseconds + 16 random symbols (80 bits): unique and
+    sorted by creation time, so ids make good B-tree keys and pagination cursors."""
+    value = (int(now.timestamp() * 1000) << _ID_RANDOM_BITS) | secrets.randbits(_ID_RANDOM_BITS)
+    symbols = []
+    for _ in range(26):
+        value, digit = divmod(value, 32)
+        symbols.append(_ID_ALPHABET[digit])
+    return f"{prefix}_{''.join(reversed(symbols))}"
 
 
 ID_PATTERN: Final = re.compile(rf"[a-z]+_[{re.escape(_ID_ALPHABET)}]{{26}}")

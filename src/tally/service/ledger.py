@@ -21,6 +21,7 @@ from tally.domain.errors import (
     InvalidTime,
     LotNotFound,
     NotFound,
+    TallyError,
 )
 from tally.domain.model import (
     DEFAULT_HOLD_TTL_SECONDS,
@@ -45,8 +46,6 @@ SWEEP_MAX_BATCHES: Final = 10_000
 ENTRIES_PAGE_MAX: Final = 500
 METADATA_MAX_BYTES: Final = 4_096
 LOCAL_SCOPE: Final = "local"
-#: A key that loses a race is looked up again; twice is enough because the winner committed.
-IDEMPOTENCY_ATTEMPTS: Final = 2
 
 R = TypeVar("R")
 
@@ -336,17 +335,19 @@ def _change(
 ) -> R:
     """Run `action` on the locked account once per idempotency key (rule 5).
 
-    The key is looked up after the account lock is taken, so a concurrent duplicate on the
-    same account waits and then replays. Duplicates that race on different accounts meet at
-    the key's unique constraint; the loser rolls back and replays the winner's result.
+    The key's unique constraint decides: the first transaction to commit it wins. A duplicate
+    (sequential, or concurrent and waiting on the account lock or the key) fails to store its
+    key, rolls back, and answers the winner's stored result. A refusal looks the key up too,
+    so replaying a request that once succeeded never answers a newer refusal. Not reading the
+    key first spares every first-time request a query.
     """
     key = values.idempotency_key(cmd.idempotency_key)
     scope = cmd.platform_id or LOCAL_SCOPE
     request_hash = _fingerprint(cmd)
     adapter: TypeAdapter[R] = _adapter(result_type)
-    for _ in range(IDEMPOTENCY_ATTEMPTS):
-        with uow:
-            now = uow.clock()
+    with uow:
+        now = uow.clock()
+        try:
             account_id = account if isinstance(account, str) else account(uow)
             locked = uow.accounts.get_for_update(
                 account_id,
@@ -354,30 +355,35 @@ def _change(
                 lot_ids=lot_ids,
                 hold_ids=hold_ids,
             )
-            stored = uow.idempotency.get(scope, key)
-            if stored is not None:
-                return _replay(stored.request_hash, request_hash, stored.response, adapter)
             if locked is None:
                 raise AccountNotFound(account_id=account_id)
             locked.settle(now)
             result = action(locked, now)
-            uow.accounts.save(locked)
-            try:
+        except TallyError:
+            stored = uow.idempotency.get(scope, key)
+            if stored is None:
+                raise
+            return _replay(stored.request_hash, request_hash, stored.response, adapter)
+        response = adapter.dump_python(result, mode="json")
+        try:
+            with uow.batch():
+                uow.accounts.save(locked)
                 uow.idempotency.add(
                     scope,
                     key,
                     request_hash=request_hash,
-                    response=adapter.dump_python(result, mode="json"),
+                    response=response,
                     account_id=account_id,
                     now=now,
                 )
-            except IdempotencyRace:
-                continue
+        except IdempotencyRace:
+            pass
+        else:
             uow.commit()
             return result
     with uow.read_only():
         stored = uow.idempotency.get(scope, key)
-    assert stored is not None, "a key that lost a race must have a stored winner"
+    assert stored is not None, "a key that lost a race has a stored winner"
     return _replay(stored.request_hash, request_hash, stored.response, adapter)
 
 

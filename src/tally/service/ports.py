@@ -125,5 +125,8 @@ class UnitOfWork(Protocol):
 
     def commit(self) -> None: ...
 
+    def batch(self) -> AbstractContextManager[None]:
+        """Writes inside may be sent together; their errors surface when the block ends."""
+
     def read_only(self) -> AbstractContextManager[Self]:
         """A transaction that only reads (no write lock on SQLite)."""

@@ -15,6 +15,7 @@ SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 DEFAULT_POOL_SIZE: Final = 10
 DEFAULT_POOL_OVERFLOW: Final = 20
 POOL_TIMEOUT_SECONDS: Final = 10
+POOL_RECYCLE_SECONDS: Final = 1_800
 #: Execution option that marks a read-only transaction (plain BEGIN on SQLite).
 READ_ONLY: Final = "tally_read_only"
 
@@ -51,23 +52,31 @@ class Database:
 def connect(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Database:
     parsed = normalise_url(url)
     if parsed.drivername == "sqlite":
-        return Database(_sqlite_engine(parsed), threading.Lock())
+        return Database(_sqlite_engine(parsed, pool_size), threading.Lock())
     engine = create_engine(
         parsed,
         pool_size=pool_size,
         max_overflow=DEFAULT_POOL_OVERFLOW,
         pool_timeout=POOL_TIMEOUT_SECONDS,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per transaction. A connection the server dropped
+        # fails its transaction with 503 (retried by clients) and is replaced.
+        pool_recycle=POOL_RECYCLE_SECONDS,
         isolation_level="READ COMMITTED",
     )
     return Database(engine, None)
 
 
-def _sqlite_engine(url: URL) -> Engine:
+def _sqlite_engine(url: URL, pool_size: int) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False},
+        pool_size=pool_size,
+        max_overflow=DEFAULT_POOL_OVERFLOW,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -86,6 +95,6 @@ def _sqlite_engine(url: URL) -> Engine:
         # IMMEDIATE takes the write lock up front, so two writers never both read and then
         # fail to upgrade: SQLite's answer to SELECT ... FOR UPDATE.
         read_only = connection.get_execution_options().get(READ_ONLY, False)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        connection.connection.driver_connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from tally.adapters.db.fast import FastStatement, decode_json, decode_time
 from tally.adapters.db.schema import (
     accounts,
     entries,
@@ -36,19 +37,35 @@ from tally.domain.model import (
 from tally.service.ports import History, IdempotencyRace, StoredResult
 
 
-def _lot(row: Row[Any]) -> Lot:
+def _lot(row: Any) -> Lot:
     return Lot(
         id=row.lot_id,
         account_id=row.account_id,
         source=row.source,
         amount=row.amount,
         remaining=row.remaining,
-        expires_at=row.expires_at,
+        expires_at=decode_time(row.expires_at),
         priority=row.priority,
-        created_at=row.created_at,
-        voided_at=row.voided_at,
+        created_at=decode_time(row.created_at),
+        voided_at=decode_time(row.voided_at),
         reason=row.reason,
-        metadata=row.metadata,
+        metadata=decode_json(row.metadata),
+    )
+
+
+def _lot_of_joined(row: Any) -> Lot:
+    return Lot(
+        id=row.lot_lot_id,
+        account_id=row.lot_account_id,
+        source=row.lot_source,
+        amount=row.lot_amount,
+        remaining=row.lot_remaining,
+        expires_at=decode_time(row.lot_expires_at),
+        priority=row.lot_priority,
+        created_at=decode_time(row.lot_created_at),
+        voided_at=decode_time(row.lot_voided_at),
+        reason=row.lot_reason,
+        metadata=decode_json(row.lot_metadata),
     )
 
 
@@ -83,7 +100,7 @@ _HOLD_COLUMNS = (
 )
 
 
-def _holds(rows: Sequence[Row[Any]]) -> list[Hold]:
+def _holds(rows: Sequence[Any]) -> list[Hold]:
     """Fold hold rows joined with their allocations (ordered by hold, position)."""
     found: dict[str, Hold] = {}
     for row in rows:
@@ -94,11 +111,11 @@ def _holds(rows: Sequence[Row[Any]]) -> list[Hold]:
                 account_id=row.account_id,
                 amount=row.amount,
                 status=HoldStatus(row.status),
-                expires_at=row.expires_at,
-                created_at=row.created_at,
+                expires_at=decode_time(row.expires_at),
+                created_at=decode_time(row.created_at),
                 allocations=[],
                 captured=row.captured,
-                metadata=row.metadata,
+                metadata=decode_json(row.metadata),
             )
         hold.allocations.append(Allocation(row.lot_id, row.allocated))
     return list(found.values())
@@ -110,6 +127,78 @@ def _hold_query() -> Any:
         .join(hold_allocations, hold_allocations.c.hold_id == holds.c.hold_id)
         .order_by(holds.c.hold_id, hold_allocations.c.position)
     )
+
+
+# Statements are built once: building a Core expression costs more than running it on SQLite.
+# The account and its open lots in one round trip; lot columns are prefixed `lot_`.
+_ACCOUNT_QUERY = (
+    select(accounts, *[column.label(f"lot_{column.name}") for column in lots.c])
+    .select_from(
+        accounts.outerjoin(
+            lots, and_(lots.c.account_id == accounts.c.account_id, lots.c.remaining > 0)
+        )
+    )
+    .where(accounts.c.account_id == bindparam("account_id"))
+)
+_ACCOUNT = FastStatement(_ACCOUNT_QUERY)
+# The lock is its own statement: after waiting for it, PostgreSQL re-reads only the locked row,
+# so lots joined in the same statement could be stale. The read that follows sees them fresh.
+_LOCK_ACCOUNT = FastStatement(
+    select(accounts.c.account_id)
+    .where(accounts.c.account_id == bindparam("account_id"))
+    .with_for_update()
+)
+_PENDING_HOLDS = FastStatement(
+    _hold_query().where(
+        holds.c.account_id == bindparam("account_id"),
+        holds.c.status == HoldStatus.PENDING.value,
+    )
+)
+_HOLDS_BY_ID = _hold_query().where(
+    holds.c.account_id == bindparam("account_id"),
+    holds.c.hold_id.in_(bindparam("hold_ids", expanding=True)),
+)
+_LOTS_BY_ID = select(lots).where(
+    lots.c.account_id == bindparam("account_id"),
+    lots.c.lot_id.in_(bindparam("lot_ids", expanding=True)),
+)
+_UPDATE_ACCOUNT = FastStatement(
+    update(accounts)
+    .where(accounts.c.account_id == bindparam("b_account_id"))
+    .values(
+        debt=bindparam("b_debt"),
+        entry_seq=bindparam("b_entry_seq"),
+        pending_holds=bindparam("b_pending_holds"),
+        email=bindparam("b_email"),
+    )
+)
+_UPDATE_LOT = FastStatement(
+    update(lots)
+    .where(lots.c.lot_id == bindparam("b_lot_id"))
+    .values(remaining=bindparam("b_remaining"), voided_at=bindparam("b_voided_at"))
+)
+_UPDATE_HOLD = FastStatement(
+    update(holds)
+    .where(holds.c.hold_id == bindparam("b_hold_id"))
+    .values(status=bindparam("b_status"), captured=bindparam("b_captured"))
+)
+_INSERT_LOTS = FastStatement(insert(lots))
+_INSERT_HOLDS = FastStatement(insert(holds))
+_INSERT_ALLOCATIONS = FastStatement(insert(hold_allocations))
+_INSERT_ENTRIES = FastStatement(insert(entries))
+_ACCOUNT_OF_LOT = FastStatement(
+    select(lots.c.account_id).where(lots.c.lot_id == bindparam("lot_id"))
+)
+_ACCOUNT_OF_HOLD = FastStatement(
+    select(holds.c.account_id).where(holds.c.hold_id == bindparam("hold_id"))
+)
+_IDEMPOTENCY_GET = FastStatement(
+    select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+        idempotency_keys.c.scope == bindparam("scope"),
+        idempotency_keys.c.key == bindparam("key"),
+    )
+)
+_IDEMPOTENCY_ADD = FastStatement(insert(idempotency_keys))
 
 
 class SqlAccounts:
@@ -141,58 +230,61 @@ class SqlAccounts:
         lot_ids: Sequence[str],
         hold_ids: Sequence[str],
     ) -> Account | None:
-        query = select(accounts).where(accounts.c.account_id == account_id)
-        if lock:
-            query = query.with_for_update()
-        row = self.connection.execute(query).one_or_none()
+        key = {"account_id": account_id}
+        # SQLite's write transaction (BEGIN IMMEDIATE) is the lock there.
+        lock_first = _LOCK_ACCOUNT if lock and self.dialect == "postgresql" else None
+        found = _ACCOUNT.rows(self.connection, key, after=lock_first)
         is_new = False
-        if row is None and create_at is not None:
+        if not found and create_at is not None:
             self._insert_account(account_id, create_at)
-            row = self.connection.execute(query).one()
+            found = _ACCOUNT.rows(self.connection, key, after=lock_first)
             is_new = True
-        if row is None:
+        if not found:
             return None
+        row = found[0]
         account = Account(
             account_id=row.account_id,
             email=row.email,
             debt=row.debt,
             entry_seq=row.entry_seq,
-            created_at=row.created_at,
+            pending_holds=row.pending_holds,
+            created_at=decode_time(row.created_at),
             is_new=is_new,
         )
         if is_new:
             return account
-        pending = self.connection.execute(
-            _hold_query().where(
-                holds.c.account_id == account_id, holds.c.status == HoldStatus.PENDING.value
-            )
-        ).all()
-        loaded_holds = _holds(pending)
+        loaded_holds = []
+        if account.pending_holds:
+            loaded_holds = _holds(_PENDING_HOLDS.rows(self.connection, key))
+            assert len(loaded_holds) == account.pending_holds, "pending_holds drifted"
         wanted_holds = [h for h in hold_ids if h not in {x.id for x in loaded_holds}]
         if wanted_holds:
             loaded_holds += _holds(
                 self.connection.execute(
-                    _hold_query().where(
-                        holds.c.account_id == account_id, holds.c.hold_id.in_(wanted_holds)
-                    )
+                    _HOLDS_BY_ID, {"account_id": account_id, "hold_ids": wanted_holds}
                 ).all()
             )
         account.holds = {hold.id: hold for hold in loaded_holds}
-        open_lots = self.connection.execute(
-            select(lots).where(lots.c.account_id == account_id, lots.c.remaining > 0)
-        ).all()
-        account.lots = {row.lot_id: _lot(row) for row in open_lots}
+        account.lots = {
+            lot_row.lot_lot_id: _lot_of_joined(lot_row) for lot_row in found if lot_row.lot_lot_id
+        }
         referenced = {a.lot_id for hold in loaded_holds for a in hold.allocations}
         missing = (referenced | set(lot_ids)) - account.lots.keys()
         if missing:
             for row in self.connection.execute(
-                select(lots).where(lots.c.account_id == account_id, lots.c.lot_id.in_(missing))
+                _LOTS_BY_ID, {"account_id": account_id, "lot_ids": sorted(missing)}
             ):
                 account.lots[row.lot_id] = _lot(row)
         return account
 
     def _insert_account(self, account_id: str, now: datetime) -> None:
-        values = {"account_id": account_id, "created_at": now, "debt": 0, "entry_seq": 0}
+        values = {
+            "account_id": account_id,
+            "created_at": now,
+            "debt": 0,
+            "entry_seq": 0,
+            "pending_holds": 0,
+        }
         if self.dialect == "postgresql":
             statement: Any = pg_insert(accounts).values(values).on_conflict_do_nothing()
         else:
@@ -202,15 +294,20 @@ class SqlAccounts:
     def save(self, account: Account) -> None:
         connection = self.connection
         if account.new_entries or account.email_changed:
-            connection.execute(
-                update(accounts)
-                .where(accounts.c.account_id == account.account_id)
-                .values(debt=account.debt, entry_seq=account.entry_seq, email=account.email)
+            _UPDATE_ACCOUNT.execute(
+                connection,
+                {
+                    "b_account_id": account.account_id,
+                    "b_debt": account.debt,
+                    "b_entry_seq": account.entry_seq,
+                    "b_pending_holds": account.pending_holds,
+                    "b_email": account.email,
+                },
             )
         new_lot_ids = {lot.id for lot in account.new_lots}
         if account.new_lots:
-            connection.execute(
-                insert(lots),
+            _INSERT_LOTS.execute_many(
+                connection,
                 [
                     {
                         "lot_id": lot.id,
@@ -230,19 +327,21 @@ class SqlAccounts:
             )
         changed_lots = [account.lots[lot_id] for lot_id in account.changed_lot_ids - new_lot_ids]
         if changed_lots:
-            connection.execute(
-                update(lots)
-                .where(lots.c.lot_id == bindparam("b_lot_id"))
-                .values(remaining=bindparam("b_remaining"), voided_at=bindparam("b_voided_at")),
+            _UPDATE_LOT.execute_many(
+                connection,
                 [
-                    {"b_lot_id": lot.id, "b_remaining": lot.remaining, "b_voided_at": lot.voided_at}
+                    {
+                        "b_lot_id": lot.id,
+                        "b_remaining": lot.remaining,
+                        "b_voided_at": lot.voided_at,
+                    }
                     for lot in changed_lots
                 ],
             )
         new_hold_ids = {hold.id for hold in account.new_holds}
         if account.new_holds:
-            connection.execute(
-                insert(holds),
+            _INSERT_HOLDS.execute_many(
+                connection,
                 [
                     {
                         "hold_id": hold.id,
@@ -257,8 +356,8 @@ class SqlAccounts:
                     for hold in account.new_holds
                 ],
             )
-            connection.execute(
-                insert(hold_allocations),
+            _INSERT_ALLOCATIONS.execute_many(
+                connection,
                 [
                     {
                         "hold_id": hold.id,
@@ -275,18 +374,16 @@ class SqlAccounts:
             account.holds[hold_id] for hold_id in account.changed_hold_ids - new_hold_ids
         ]
         if changed_holds:
-            connection.execute(
-                update(holds)
-                .where(holds.c.hold_id == bindparam("b_hold_id"))
-                .values(status=bindparam("b_status"), captured=bindparam("b_captured")),
+            _UPDATE_HOLD.execute_many(
+                connection,
                 [
                     {"b_hold_id": h.id, "b_status": h.status.value, "b_captured": h.captured}
                     for h in changed_holds
                 ],
             )
         if account.new_entries:
-            connection.execute(
-                insert(entries),
+            _INSERT_ENTRIES.execute_many(
+                connection,
                 [
                     {
                         "entry_id": e.id,
@@ -307,16 +404,12 @@ class SqlAccounts:
             )
 
     def account_of_lot(self, lot_id: str) -> str | None:
-        found: str | None = self.connection.execute(
-            select(lots.c.account_id).where(lots.c.lot_id == lot_id)
-        ).scalar_one_or_none()
-        return found
+        found = _ACCOUNT_OF_LOT.rows(self.connection, {"lot_id": lot_id})
+        return found[0].account_id if found else None
 
     def account_of_hold(self, hold_id: str) -> str | None:
-        found: str | None = self.connection.execute(
-            select(holds.c.account_id).where(holds.c.hold_id == hold_id)
-        ).scalar_one_or_none()
-        return found
+        found = _ACCOUNT_OF_HOLD.rows(self.connection, {"hold_id": hold_id})
+        return found[0].account_id if found else None
 
     def due(self, now: datetime, limit: int) -> list[str]:
         due_lots = select(lots.c.account_id).where(lots.c.remaining > 0, lots.c.expires_at <= now)
@@ -364,12 +457,10 @@ class SqlIdempotencyStore:
         self.connection = connection
 
     def get(self, scope: str, key: str) -> StoredResult | None:
-        row = self.connection.execute(
-            select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
-                idempotency_keys.c.scope == scope, idempotency_keys.c.key == key
-            )
-        ).one_or_none()
-        return None if row is None else StoredResult(row.request_hash, row.response)
+        found = _IDEMPOTENCY_GET.rows(self.connection, {"scope": scope, "key": key})
+        if not found:
+            return None
+        return StoredResult(found[0].request_hash, decode_json(found[0].response))
 
     def add(
         self,
@@ -381,16 +472,18 @@ class SqlIdempotencyStore:
         account_id: str | None,
         now: datetime,
     ) -> None:
+        driver_error = self.connection.dialect.loaded_dbapi.IntegrityError
         try:
-            self.connection.execute(
-                insert(idempotency_keys).values(
-                    scope=scope,
-                    key=key,
-                    request_hash=request_hash,
-                    response=response,
-                    account_id=account_id,
-                    created_at=now,
-                )
+            _IDEMPOTENCY_ADD.execute(
+                self.connection,
+                {
+                    "scope": scope,
+                    "key": key,
+                    "request_hash": request_hash,
+                    "response": response,
+                    "account_id": account_id,
+                    "created_at": now,
+                },
             )
-        except IntegrityError as error:
+        except (IntegrityError, driver_error) as error:
             raise IdempotencyRace(key) from error

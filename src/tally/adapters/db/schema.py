@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeDecorator
 
-from tally.domain.model import SOURCES, EntryType, HoldStatus
+from tally.domain.model import MAX_PENDING_HOLDS, SOURCES, EntryType, HoldStatus
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -81,8 +81,12 @@ accounts = Table(
     Column("email", String(320)),
     Column("debt", BigInteger, nullable=False, server_default="0"),
     Column("entry_seq", BigInteger, nullable=False, server_default="0"),
+    Column("pending_holds", Integer, nullable=False, server_default="0"),
     Column("created_at", UTCDateTime, nullable=False),
     CheckConstraint("debt >= 0", name="debt_not_negative"),
+    CheckConstraint(
+        f"pending_holds BETWEEN 0 AND {MAX_PENDING_HOLDS}", name="pending_holds_within_limit"
+    ),
     CheckConstraint("entry_seq >= 0", name="entry_seq_not_negative"),
 )
 
@@ -192,8 +196,12 @@ entries = Table(
     CheckConstraint(
         "NOT (type IN ('hold', 'release', 'capture')) OR hold_id IS NOT NULL", name="needs_hold"
     ),
-    Index("ix_entries_lot_id", "lot_id"),
-    Index("ix_entries_hold_id", "hold_id"),
+    Index(
+        "ix_entries_hold_id",
+        "hold_id",
+        sqlite_where=text("hold_id IS NOT NULL"),
+        postgresql_where=text("hold_id IS NOT NULL"),
+    ),
 )
 
 idempotency_keys = Table(

@@ -14,7 +14,9 @@ from tally.adapters.db.audit import SqlAudit
 from tally.adapters.db.engine import READ_ONLY, Database
 from tally.adapters.db.repository import SqlAccounts, SqlIdempotencyStore, SqlJournal
 from tally.domain.errors import DatabaseUnavailable
-from tally.service.ports import Clock
+from tally.service.ports import Clock, IdempotencyRace
+
+IDEMPOTENCY_KEY_CONSTRAINT = "pk_idempotency_keys"
 
 
 class SqlUnitOfWork:
@@ -71,10 +73,33 @@ class SqlUnitOfWork:
             self._close()
         if isinstance(exc, OperationalError):
             raise DatabaseUnavailable(str(exc.orig or exc)[:200]) from exc
+        driver_operational = self.database.engine.dialect.loaded_dbapi.OperationalError
+        if isinstance(exc, driver_operational) and not isinstance(exc, DBAPIError):
+            raise DatabaseUnavailable(str(exc)[:200]) from exc
 
     def commit(self) -> None:
         assert self._transaction is not None, "commit outside `with uow:`"
         self._transaction.commit()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Send the writes inside as one round trip (a psycopg pipeline on PostgreSQL).
+        Their errors surface when the block ends; a lost idempotency race is told apart."""
+        assert self._connection is not None, "batch outside `with uow:`"
+        if self.database.dialect != "postgresql":
+            yield
+            return
+        import psycopg
+
+        driver = self._connection.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        try:
+            with driver.pipeline():
+                yield
+        except psycopg.errors.UniqueViolation as error:
+            if error.diag.constraint_name == IDEMPOTENCY_KEY_CONSTRAINT:
+                raise IdempotencyRace(str(error.diag.message_detail)) from error
+            raise
 
     @contextmanager
     def read_only(self) -> Iterator[Self]:

@@ -39,8 +39,13 @@ def upgrade() -> None:
         sa.Column("email", sa.String(length=320), nullable=True),
         sa.Column("debt", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("entry_seq", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("pending_holds", sa.Integer(), server_default="0", nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("debt >= 0", name=op.f("ck_accounts_debt_not_negative")),
+        sa.CheckConstraint(
+            "pending_holds BETWEEN 0 AND 1000",
+            name=op.f("ck_accounts_pending_holds_within_limit"),
+        ),
         sa.CheckConstraint("entry_seq >= 0", name=op.f("ck_accounts_entry_seq_not_negative")),
         sa.PrimaryKeyConstraint("account_id", name=op.f("pk_accounts")),
     )
@@ -205,8 +210,13 @@ def upgrade() -> None:
         sa.UniqueConstraint("account_id", "seq", name=op.f("uq_entries_account_id_seq")),
     )
     with op.batch_alter_table("entries", schema=None) as batch_op:
-        batch_op.create_index("ix_entries_hold_id", ["hold_id"], unique=False)
-        batch_op.create_index("ix_entries_lot_id", ["lot_id"], unique=False)
+        batch_op.create_index(
+            "ix_entries_hold_id",
+            ["hold_id"],
+            unique=False,
+            sqlite_where=sa.text("hold_id IS NOT NULL"),
+            postgresql_where=sa.text("hold_id IS NOT NULL"),
+        )
 
     op.create_table(
         "hold_allocations",
@@ -238,7 +248,6 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION IF EXISTS tally_entries_immutable()")
     op.drop_table("hold_allocations")
     with op.batch_alter_table("entries", schema=None) as batch_op:
-        batch_op.drop_index("ix_entries_lot_id")
         batch_op.drop_index("ix_entries_hold_id")
 
     op.drop_table("entries")
