@@ -16,17 +16,12 @@ import argparse
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -35,7 +30,7 @@ from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.schema import metadata
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.bootstrap import system_clock
-from tally.domain.model import Account, Origin
+from tally.domain.model import Origin
 from tally.service import ledger
 
 POSTGRES_URL = os.environ.get(
@@ -159,7 +154,9 @@ def tally_worker(db: Database) -> Worker:
 
     def debit(account: str) -> None:
         ledger.debit(
-            ledger.DebitCredits(account_id=account, amount=1, idempotency_key=secrets.token_hex(12)),
+            ledger.DebitCredits(
+                account_id=account, amount=1, idempotency_key=secrets.token_hex(12)
+            ),
             uow,
         )
 
@@ -294,7 +291,8 @@ def bench(kind: str, db: Database, seconds: float) -> tuple[list[Row], dict[str,
 
 def verdict(label: str, value: float, target: float, higher: bool = True) -> str:
     ok = value >= target if higher else value <= target
-    return f"{'PASS' if ok else 'MISS'}  {label}: {value:.2f} (target {'>=' if higher else '<='} {target})"
+    sign = ">=" if higher else "<="
+    return f"{'PASS' if ok else 'MISS'}  {label}: {value:.2f} (target {sign} {target})"
 
 
 def main() -> None:
@@ -302,7 +300,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--only", choices=["sqlite", "postgresql"])
     args = parser.parse_args()
-    results: dict[str, Any] = {}
+    results: dict[str, tuple[list[Row], dict[str, float]]] = {}
     if args.only in (None, "sqlite"):
         with tempfile.TemporaryDirectory() as directory, sqlite_database(directory) as db:
             results["sqlite"] = bench("sqlite", db, args.seconds)
@@ -319,7 +317,7 @@ def main() -> None:
                 f"{row.raw:,.0f} | {row.ratio:.0%} |"
             )
     print()
-    for kind, (rows, reads) in results.items():
+    for kind, (_, reads) in results.items():
         print(
             f"| {kind} balance read p50 | 100,000 entries {reads['long_ms']:.3f} ms | "
             f"10 entries {reads['short_ms']:.3f} ms | {reads['long_ms'] / reads['short_ms']:.2f}x |"
@@ -332,16 +330,34 @@ def main() -> None:
         )
 
     if "sqlite" in results:
-        print(verdict("SQLite, 10,000 accounts, 1 worker, Tally/raw", find("sqlite", "10", 1).ratio, 0.30))
+        print(
+            verdict(
+                "SQLite, 10,000 accounts, 1 worker, Tally/raw", find("sqlite", "10", 1).ratio, 0.30
+            )
+        )
         reads = results["sqlite"][1]
-        print(verdict("SQLite balance p50, 100k/10 entries", reads["long_ms"] / reads["short_ms"], 1.5, higher=False))
+        print(
+            verdict(
+                "SQLite balance p50, 100k/10 entries",
+                reads["long_ms"] / reads["short_ms"],
+                1.5,
+                higher=False,
+            )
+        )
     if "postgresql" in results:
         many = find("postgresql", "10", 8)
         hot = find("postgresql", "one", 8)
         print(verdict("PostgreSQL, 10,000 accounts, 8 workers, Tally/raw", many.ratio, 0.40))
         print(verdict("PostgreSQL, hot/many accounts, 8 workers", hot.tally / many.tally, 0.50))
         reads = results["postgresql"][1]
-        print(verdict("PostgreSQL balance p50, 100k/10 entries", reads["long_ms"] / reads["short_ms"], 1.5, higher=False))
+        print(
+            verdict(
+                "PostgreSQL balance p50, 100k/10 entries",
+                reads["long_ms"] / reads["short_ms"],
+                1.5,
+                higher=False,
+            )
+        )
 
 
 if __name__ == "__main__":

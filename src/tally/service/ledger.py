@@ -376,10 +376,10 @@ def _change(
                     account_id=account_id,
                     now=now,
                 )
+                uow.commit()
         except IdempotencyRace:
             pass
         else:
-            uow.commit()
             return result
     with uow.read_only():
         stored = uow.idempotency.get(scope, key)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -40,6 +41,8 @@ def _encode_sqlite(value: Any) -> Any:
 
 
 def _encode_postgresql(value: Any) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))  # the statement casts it to JSONB
     assert not isinstance(value, datetime) or value.tzinfo is not None
@@ -59,15 +62,40 @@ def decode_json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+_WRITE_CURSORS: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
+
+
+def _write_cursor(connection: Connection) -> Any:
+    """One cursor per driver connection for statements without results: building a psycopg
+    cursor costs as much as running a small statement."""
+    driver = connection.connection.driver_connection
+    if connection.dialect.name == "sqlite":
+        return driver  # sqlite3.Connection.execute makes its own cheap cursor
+    cursor = _WRITE_CURSORS.get(driver)
+    if cursor is None or cursor.closed:
+        cursor = _WRITE_CURSORS[driver] = driver.cursor()  # type: ignore[union-attr]
+    return cursor
+
+
 def _pipeline(driver: Any) -> AbstractContextManager[Any]:
     pipeline = getattr(driver, "pipeline", None)  # psycopg has one; sqlite3 runs in-process
     return pipeline() if pipeline is not None else nullcontext()
+
+
+def _positional(dialect: Dialect) -> Dialect:
+    """The same dialect with positional `%s` parameters: psycopg converts and adapts a tuple
+    for less than a dict of named ones."""
+    if dialect.positional:
+        return dialect
+    positional: Dialect = type(dialect)(paramstyle="format")  # type: ignore[call-arg]
+    return positional
 
 
 class _Compiled:
     __slots__ = ("defaults", "positions", "row", "sql")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        dialect = _positional(dialect)
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
@@ -102,29 +130,21 @@ class FastStatement:
             return tuple(encode(merged[name]) for name in compiled.positions)
         return {name: encode(value) for name, value in merged.items()}
 
-    def execute(self, connection: Connection, params: dict[str, Any]) -> int:
-        """Run once; answer the number of rows changed."""
+    def execute(self, connection: Connection, params: dict[str, Any]) -> None:
+        """Run a statement that returns no rows."""
         compiled = self._compiled(connection)
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(compiled.sql, self._arguments(compiled, connection, params))
-            count: int = cursor.rowcount
-        finally:
-            cursor.close()
-        return count
+        _write_cursor(connection).execute(
+            compiled.sql, self._arguments(compiled, connection, params)
+        )
 
     def execute_many(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
         if len(rows) == 1:
             self.execute(connection, rows[0])
             return
         compiled = self._compiled(connection)
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.executemany(
-                compiled.sql, [self._arguments(compiled, connection, row) for row in rows]
-            )
-        finally:
-            cursor.close()
+        _write_cursor(connection).executemany(
+            compiled.sql, [self._arguments(compiled, connection, row) for row in rows]
+        )
 
     def rows(
         self, connection: Connection, params: dict[str, Any], *, after: FastStatement | None = None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Self
 
 from sqlalchemy import Connection, RootTransaction
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from tally.adapters.db.audit import SqlAudit
 from tally.adapters.db.engine import READ_ONLY, Database
@@ -83,8 +83,9 @@ class SqlUnitOfWork:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Send the writes inside as one round trip (a psycopg pipeline on PostgreSQL).
-        Their errors surface when the block ends; a lost idempotency race is told apart."""
+        """Send the writes inside, and a `commit()` made inside, as one round trip (a psycopg
+        pipeline on PostgreSQL). Their errors surface at the commit or when the block ends;
+        a lost idempotency race is told apart from every other error."""
         assert self._connection is not None, "batch outside `with uow:`"
         if self.database.dialect != "postgresql":
             yield
@@ -96,10 +97,25 @@ class SqlUnitOfWork:
         try:
             with driver.pipeline():
                 yield
-        except psycopg.errors.UniqueViolation as error:
-            if error.diag.constraint_name == IDEMPOTENCY_KEY_CONSTRAINT:
-                raise IdempotencyRace(str(error.diag.message_detail)) from error
+        except BaseException as error:
+            # A failed COMMIT leaves the session aborted where SQLAlchemy no longer rolls back.
+            # A broken connection cannot roll back; the original error is the one to report.
+            with suppress(psycopg.Error):
+                driver.rollback()
+            self._raise_race_if_idempotency(error)
             raise
+
+    @staticmethod
+    def _raise_race_if_idempotency(error: BaseException) -> None:
+        import psycopg
+
+        if isinstance(error, psycopg.errors.UniqueViolation | IntegrityError):
+            cause = error.orig if isinstance(error, IntegrityError) else error
+            if (
+                isinstance(cause, psycopg.errors.UniqueViolation)
+                and cause.diag.constraint_name == IDEMPOTENCY_KEY_CONSTRAINT
+            ):
+                raise IdempotencyRace(str(cause.diag.message_detail)) from error
 
     @contextmanager
     def read_only(self) -> Iterator[Self]:
