@@ -1,7 +1,8 @@
 """Ledger throughput, measured as ratios against a raw baseline in the same run.
 
 For each database (SQLite, PostgreSQL), each shape (10,000 accounts, one hot account) and each
-worker count (1, 8, 32 threads), it runs Tally's `debit` use case for a fixed time, and beside it
+worker count (1, 8, 32 threads), it runs Tally's `debit` use case for a fixed time (the threads
+share one group commit, as the threads of one Tally process do), and beside it
 a raw baseline on the same database through the same driver: one UPDATE plus one INSERT per
 transaction. It then reads the balance of an account with 100,000 entries and of one with 10.
 
@@ -32,6 +33,7 @@ from tally.adapters.db.uow import SqlUnitOfWork
 from tally.bootstrap import system_clock
 from tally.domain.model import Origin
 from tally.service import ledger
+from tally.service.group_commit import GroupCommit
 
 POSTGRES_URL = os.environ.get(
     "TALLY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -149,8 +151,14 @@ def raw_worker(db: Database) -> Worker:
     return debit, raw.close
 
 
-def tally_worker(db: Database) -> Worker:
-    uow = SqlUnitOfWork(db, system_clock)
+def tally_workers(db: Database) -> Callable[[Database], Worker]:
+    """Workers sharing one group commit, as the threads of one Tally process do."""
+    group = GroupCommit(lambda: SqlUnitOfWork(db, system_clock))
+    return lambda db: tally_worker(db, group)
+
+
+def tally_worker(db: Database, group: GroupCommit | None = None) -> Worker:
+    uow = SqlUnitOfWork(db, system_clock, group)
 
     def debit(account: str) -> None:
         ledger.debit(
@@ -266,7 +274,7 @@ def bench(kind: str, db: Database, seconds: float) -> tuple[list[Row], dict[str,
     rows = []
     for shape, pool in (("10,000 accounts", names), ("one hot account", hot)):
         for workers in WORKERS:
-            tally = rate(tally_worker, db, pool, workers, seconds)
+            tally = rate(tally_workers(db), db, pool, workers, seconds)
             raw = rate(raw_worker, db, pool, workers, seconds)
             row = Row(kind, shape, workers, tally, raw)
             rows.append(row)

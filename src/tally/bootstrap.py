@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.config import Settings
+from tally.service.group_commit import GroupCommit
 from tally.service.ports import Clock
 
 
@@ -20,9 +21,11 @@ class Tally:
     settings: Settings
     database: Database
     clock: Clock
+    group: GroupCommit
 
     def uow(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.database, self.clock)
+        """A unit of work whose changes share transactions with concurrent ones."""
+        return SqlUnitOfWork(self.database, self.clock, self.group)
 
     def close(self) -> None:
         self.database.dispose()
@@ -31,4 +34,5 @@ class Tally:
 def bootstrap(settings: Settings | None = None, *, clock: Clock = system_clock) -> Tally:
     settings = settings or Settings.from_env()
     database = connect(settings.database_url, pool_size=settings.pool_size)
-    return Tally(settings, database, clock)
+    group = GroupCommit(lambda: SqlUnitOfWork(database, clock))
+    return Tally(settings, database, clock, group)

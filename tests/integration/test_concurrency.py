@@ -19,6 +19,7 @@ from tally.adapters.db.schema import entries
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.domain.errors import IdempotencyKeyReused, InsufficientCredits
 from tally.service import ledger
+from tally.service.group_commit import GroupCommit
 from tests.conftest import DATABASES
 from tests.support import FakeClock, database
 
@@ -49,15 +50,17 @@ def _run_together(count: int, work: Callable[[int], Any]) -> list[Any]:
 
 
 @pytest.mark.slow
-def test_many_threads_never_overdraw(pooled: Database) -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "group-commit"])
+def test_many_threads_never_overdraw(pooled: Database, grouped: bool) -> None:
     clock = FakeClock()
+    group = GroupCommit(lambda: SqlUnitOfWork(pooled, clock)) if grouped else None
     uow = SqlUnitOfWork(pooled, clock)
     ledger.grant(ledger.GrantCredits(account_id="hot", amount=STOCK, idempotency_key="stock"), uow)
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
 
     def attempt(index: int) -> None:
-        worker_uow = SqlUnitOfWork(pooled, clock)
+        worker_uow = SqlUnitOfWork(pooled, clock, group)
         for n in range(index, ATTEMPTS, THREADS):
             key = f"spend-{n}"
             try:

@@ -3,25 +3,20 @@ commit, under the caller's idempotency key (rule 5)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
-from pydantic import TypeAdapter
-
 from tally.domain import values
 from tally.domain.errors import (
     AccountNotFound,
     HoldNotFound,
-    IdempotencyKeyReused,
     InvalidInput,
     InvalidTime,
     LotNotFound,
     NotFound,
-    TallyError,
 )
 from tally.domain.model import (
     DEFAULT_HOLD_TTL_SECONDS,
@@ -33,10 +28,10 @@ from tally.domain.model import (
     Hold,
     HoldStatus,
     Lot,
-    Origin,
     account_at,
 )
-from tally.service.ports import AuditReport, IdempotencyRace, UnitOfWork
+from tally.service.changes import Change, Command, run_alone
+from tally.service.ports import AuditReport, UnitOfWork
 
 #: Rule 4: purchased and gifted credits last two years unless the package says otherwise;
 #: everything else never expires unless the grant says so.
@@ -45,18 +40,8 @@ SWEEP_BATCH_SIZE: Final = 100
 SWEEP_MAX_BATCHES: Final = 10_000
 ENTRIES_PAGE_MAX: Final = 500
 METADATA_MAX_BYTES: Final = 4_096
-LOCAL_SCOPE: Final = "local"
 
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Command:
-    idempotency_key: str
-    platform_id: str | None = None
-
-    def origin(self, reason: str | None = None) -> Origin:
-        return Origin(self.idempotency_key, self.platform_id, reason)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,82 +318,11 @@ def _change(
     lot_ids: Sequence[str] = (),
     hold_ids: Sequence[str] = (),
 ) -> R:
-    """Run `action` on the locked account once per idempotency key (rule 5).
-
-    The key's unique constraint decides: the first transaction to commit it wins. A duplicate
-    (sequential, or concurrent and waiting on the account lock or the key) fails to store its
-    key, rolls back, and answers the winner's stored result. A refusal looks the key up too,
-    so replaying a request that once succeeded never answers a newer refusal. Not reading the
-    key first spares every first-time request a query.
-    """
-    key = values.idempotency_key(cmd.idempotency_key)
-    scope = cmd.platform_id or LOCAL_SCOPE
-    request_hash = _fingerprint(cmd)
-    adapter: TypeAdapter[R] = _adapter(result_type)
-    with uow:
-        now = uow.clock()
-        try:
-            account_id = account if isinstance(account, str) else account(uow)
-            locked = uow.accounts.get_for_update(
-                account_id,
-                create_at=now if create else None,
-                lot_ids=lot_ids,
-                hold_ids=hold_ids,
-            )
-            if locked is None:
-                raise AccountNotFound(account_id=account_id)
-            locked.settle(now)
-            result = action(locked, now)
-        except TallyError:
-            stored = uow.idempotency.get(scope, key)
-            if stored is None:
-                raise
-            return _replay(stored.request_hash, request_hash, stored.response, adapter)
-        response = adapter.dump_python(result, mode="json")
-        try:
-            with uow.batch():
-                uow.accounts.save(locked)
-                uow.idempotency.add(
-                    scope,
-                    key,
-                    request_hash=request_hash,
-                    response=response,
-                    account_id=account_id,
-                    now=now,
-                )
-                uow.commit()
-        except IdempotencyRace:
-            pass
-        else:
-            return result
-    with uow.read_only():
-        stored = uow.idempotency.get(scope, key)
-    assert stored is not None, "a key that lost a race has a stored winner"
-    return _replay(stored.request_hash, request_hash, stored.response, adapter)
-
-
-def _replay(stored_hash: str, request_hash: str, response: Any, adapter: TypeAdapter[R]) -> R:
-    if stored_hash != request_hash:
-        raise IdempotencyKeyReused
-    return adapter.validate_python(response)
-
-
-_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
-
-
-def _adapter(kind: Any) -> TypeAdapter[Any]:
-    """TypeAdapters are costly to build and safe to share: one per type, built on first use."""
-    adapter = _ADAPTERS.get(kind)
-    if adapter is None:
-        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
-    return adapter
-
-
-def _fingerprint(cmd: Command) -> str:
-    kind = type(cmd)
-    body = _adapter(kind).dump_python(cmd, mode="json", exclude={"idempotency_key"})
-    canonical = json.dumps([kind.__name__, body], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    change = Change(
+        cmd, account, action, result_type, create=create, lot_ids=lot_ids, hold_ids=hold_ids
+    )
+    group = uow.group
+    return group.submit(change) if group is not None else run_alone(uow, change)
 
 
 def _check_id(value: str, prefix: str, error: type[NotFound]) -> None:

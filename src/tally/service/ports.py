@@ -7,9 +7,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from tally.domain.model import Account, Entry, Hold, Lot
+
+if TYPE_CHECKING:
+    from tally.service.group_commit import GroupCommit
 
 
 class Clock(Protocol):
@@ -113,6 +116,10 @@ class UnitOfWork(Protocol):
 
     @property
     def clock(self) -> Clock: ...
+
+    @property
+    def group(self) -> GroupCommit | None:
+        """Where changes go to share a transaction with concurrent ones; None: run alone."""
 
     def __enter__(self) -> Self: ...
 

@@ -14,6 +14,7 @@ from tally.adapters.db.audit import SqlAudit
 from tally.adapters.db.engine import READ_ONLY, Database
 from tally.adapters.db.repository import SqlAccounts, SqlIdempotencyStore, SqlJournal
 from tally.domain.errors import DatabaseUnavailable
+from tally.service.group_commit import GroupCommit
 from tally.service.ports import Clock, IdempotencyRace
 
 IDEMPOTENCY_KEY_CONSTRAINT = "pk_idempotency_keys"
@@ -27,9 +28,10 @@ class SqlUnitOfWork:
     idempotency: SqlIdempotencyStore
     audit: SqlAudit
 
-    def __init__(self, database: Database, clock: Clock) -> None:
+    def __init__(self, database: Database, clock: Clock, group: GroupCommit | None = None) -> None:
         self.database = database
         self.clock = clock
+        self.group = group
         self._read_only = False
         self._connection: Connection | None = None
         self._transaction: RootTransaction | None = None

@@ -1,0 +1,170 @@
+"""Group commit keeps every change's meaning: refusals, keys and replays behave as alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tally.adapters.db.engine import Database
+from tally.adapters.db.uow import SqlUnitOfWork
+from tally.domain.errors import HoldNotFound, IdempotencyKeyReused, InsufficientCredits
+from tally.service import ledger
+from tally.service.group_commit import GroupCommit
+from tests.support import FakeClock
+
+
+def grouped(db: Database, clock: FakeClock) -> tuple[GroupCommit, SqlUnitOfWork]:
+    group = GroupCommit(lambda: SqlUnitOfWork(db, clock))
+    return group, SqlUnitOfWork(db, clock, group)
+
+
+def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Queue every call behind a pretend leader, in order, then let the first lead them all."""
+    with group._lock:
+        group._leading = True
+    results: list[Any] = [None] * len(calls)
+
+    def call(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except Exception as error:
+            results[index] = error
+
+    threads = []
+    for index in range(len(calls)):
+        thread = threading.Thread(target=call, args=(index,))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 10
+        while len(group._queue) < index + 1:
+            assert time.monotonic() < deadline, "a caller never queued"
+            time.sleep(0.001)
+    batches = group.batches
+    with group._lock:
+        group._queue[0].decide("lead")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert group.batches == batches + 1, "the calls must have run as one batch"
+    return results
+
+
+def test_a_batch_applies_in_order_and_refusals_stay_alone(db: Database, clock: FakeClock) -> None:
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="ann", amount=10, idempotency_key="g"), uow)
+    ledger.grant(ledger.GrantCredits(account_id="bob", amount=10, idempotency_key="g2"), uow)
+
+    def debit(account: str, amount: int, key: str) -> Callable[[], Any]:
+        cmd = ledger.DebitCredits(account_id=account, amount=amount, idempotency_key=key)
+        return lambda: ledger.debit(cmd, uow)
+
+    results = one_batch(
+        group,
+        [
+            debit("ann", 4, "a1"),
+            debit("bob", 7, "b1"),
+            debit("ann", 100, "a2"),  # refused alone: insufficient
+            debit("ann", 6, "a3"),  # sees the first debit of the same batch
+            lambda: ledger.capture(
+                ledger.CaptureHold(hold_id="hold_00000000000000000000000000", idempotency_key="c"),
+                uow,
+            ),
+        ],
+    )
+    assert [r.amount for r in (results[0], results[1], results[3])] == [4, 7, 6]
+    assert isinstance(results[2], InsufficientCredits)
+    assert results[2].extra == {"available": 0, "required": 100}
+    assert isinstance(results[4], HoldNotFound)
+    assert ledger.get_balance("ann", uow).available == 0
+    assert ledger.get_balance("bob", uow).available == 3
+    assert ledger.check(uow).violations == []
+
+
+def test_one_key_twice_in_a_batch_has_one_effect(db: Database, clock: FakeClock) -> None:
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="cy", amount=10, idempotency_key="g"), uow)
+    same = ledger.DebitCredits(account_id="cy", amount=2, idempotency_key="k")
+    other = ledger.DebitCredits(account_id="cy", amount=3, idempotency_key="k")
+    results = one_batch(
+        group,
+        [
+            lambda: ledger.debit(same, uow),
+            lambda: ledger.debit(same, uow),
+            lambda: ledger.debit(other, uow),
+        ],
+    )
+    assert results[0] == results[1]
+    assert isinstance(results[2], IdempotencyKeyReused)
+    assert ledger.get_balance("cy", uow).available == 8
+
+
+def test_a_stored_key_in_a_batch_replays_and_the_rest_still_apply(
+    db: Database, clock: FakeClock
+) -> None:
+    """The shared transaction loses to the stored key; every change then runs alone."""
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="di", amount=10, idempotency_key="g"), uow)
+    first = ledger.debit(ledger.DebitCredits(account_id="di", amount=1, idempotency_key="old"), uow)
+    again = ledger.DebitCredits(account_id="di", amount=1, idempotency_key="old")
+    fresh = ledger.DebitCredits(account_id="di", amount=2, idempotency_key="new")
+    results = one_batch(group, [lambda: ledger.debit(fresh, uow), lambda: ledger.debit(again, uow)])
+    assert results[0].amount == 2
+    assert results[1] == first
+    assert ledger.get_balance("di", uow).available == 7
+    assert ledger.check(uow).violations == []
+
+
+def test_results_are_snapshots_taken_when_each_change_applied(
+    db: Database, clock: FakeClock
+) -> None:
+    group, uow = grouped(db, clock)
+    results = one_batch(
+        group,
+        [
+            lambda: ledger.grant(
+                ledger.GrantCredits(account_id="ed", amount=5, idempotency_key="g"), uow
+            ),
+            lambda: ledger.debit(
+                ledger.DebitCredits(account_id="ed", amount=5, idempotency_key="d"), uow
+            ),
+        ],
+    )
+    lot = results[0]
+    assert lot.remaining == 5  # as granted, not as the debit later in the batch left it
+    assert (
+        ledger.grant(ledger.GrantCredits(account_id="ed", amount=5, idempotency_key="g"), uow)
+        == lot
+    )
+
+
+@pytest.mark.slow
+def test_many_threads_through_the_group_never_overdraw(db: Database, clock: FakeClock) -> None:
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="hot", amount=500, idempotency_key="s"), uow)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def spend(index: int) -> None:
+        for n in range(index, 600, 12):
+            cmd = ledger.DebitCredits(account_id="hot", amount=1, idempotency_key=f"k{n}")
+            try:
+                ledger.debit(cmd, uow)
+                result = "ok"
+            except InsufficientCredits:
+                result = "refused"
+            with lock:
+                outcomes.append(result)
+
+    threads = [threading.Thread(target=spend, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("ok") == 500
+    assert outcomes.count("refused") == 100
+    assert ledger.get_balance("hot", uow).available == 0
+    assert ledger.check(uow).violations == []
+    assert group.changes >= 600
