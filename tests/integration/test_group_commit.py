@@ -52,6 +52,10 @@ def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
     return results
 
 
+def committed_together(group: GroupCommit) -> None:
+    assert group.fallbacks == 0, "the shared transaction must have committed"
+
+
 def test_a_batch_applies_in_order_and_refusals_stay_alone(db: Database, clock: FakeClock) -> None:
     group, uow = grouped(db, clock)
     ledger.grant(ledger.GrantCredits(account_id="ann", amount=10, idempotency_key="g"), uow)
@@ -78,6 +82,7 @@ def test_a_batch_applies_in_order_and_refusals_stay_alone(db: Database, clock: F
     assert isinstance(results[2], InsufficientCredits)
     assert results[2].extra == {"available": 0, "required": 100}
     assert isinstance(results[4], HoldNotFound)
+    committed_together(group)
     assert ledger.get_balance("ann", uow).available == 0
     assert ledger.get_balance("bob", uow).available == 3
     assert ledger.check(uow).violations == []
@@ -98,6 +103,7 @@ def test_one_key_twice_in_a_batch_has_one_effect(db: Database, clock: FakeClock)
     )
     assert results[0] == results[1]
     assert isinstance(results[2], IdempotencyKeyReused)
+    committed_together(group)
     assert ledger.get_balance("cy", uow).available == 8
 
 
@@ -113,6 +119,7 @@ def test_a_stored_key_in_a_batch_replays_and_the_rest_still_apply(
     results = one_batch(group, [lambda: ledger.debit(fresh, uow), lambda: ledger.debit(again, uow)])
     assert results[0].amount == 2
     assert results[1] == first
+    assert group.fallbacks == 1  # the stored key made the shared transaction fail
     assert ledger.get_balance("di", uow).available == 7
     assert ledger.check(uow).violations == []
 
@@ -134,6 +141,7 @@ def test_results_are_snapshots_taken_when_each_change_applied(
     )
     lot = results[0]
     assert lot.remaining == 5  # as granted, not as the debit later in the batch left it
+    committed_together(group)
     assert (
         ledger.grant(ledger.GrantCredits(account_id="ed", amount=5, idempotency_key="g"), uow)
         == lot

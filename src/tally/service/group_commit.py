@@ -22,10 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+import structlog
+
 from tally.domain.errors import TallyError
 from tally.domain.model import Account
 from tally.service.changes import Change, run_alone
 from tally.service.ports import UnitOfWork
+
+log = structlog.get_logger("tally.group_commit")
 
 #: The most changes one transaction carries: bounds lock time and the size of one COMMIT.
 MAX_BATCH: Final = 64
@@ -63,8 +67,10 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._leading = False
+        # Counters for tests and metrics; only the leader writes them.
         self.batches = 0
         self.changes = 0
+        self.fallbacks = 0
 
     def submit(self, change: Change[R]) -> R:
         pending = _Pending(change)
@@ -99,13 +105,18 @@ class GroupCommit:
                     self._leading = False
 
     def _run(self, batch: list[_Pending]) -> None:
+        self.batches += 1
+        self.changes += len(batch)
+        if len(batch) == 1:
+            batch[0].decide(_ALONE)  # nothing to share: the plain path, at its plain cost
+            return
         outcome = _Batch()
         try:
             self._execute(batch, outcome)
-        except Exception:  # noqa: BLE001 - the shared transaction failed: retry change by change
+        except Exception:
+            log.warning("group_commit_fell_back", changes=len(batch), exc_info=True)
+            self.fallbacks += 1
             outcome = _Batch(alone=list(batch))
-        self.batches += 1
-        self.changes += len(batch)
         for pending, response in outcome.done:
             pending.decide(_DONE, pending.change.adapter.validate_python(response))
         for pending in outcome.alone:
@@ -164,16 +175,13 @@ class GroupCommit:
     def _lock_accounts(
         uow: UnitOfWork, owners: dict[_Pending, str], now: datetime
     ) -> dict[str, Account]:
-        accounts: dict[str, Account] = {}
-        for account_id in sorted(set(owners.values())):
-            changes = [p.change for p, owner in owners.items() if owner == account_id]
-            account = uow.accounts.get_for_update(
-                account_id,
-                create_at=now if any(c.create for c in changes) else None,
-                lot_ids=sorted({lot for c in changes for lot in c.lot_ids}),
-                hold_ids=sorted({hold for c in changes for hold in c.hold_ids}),
-            )
-            if account is not None:
-                account.settle(now)
-                accounts[account_id] = account
+        changes = [pending.change for pending in owners]
+        accounts = uow.accounts.get_many_for_update(
+            list(owners.values()),
+            create_at=now if any(c.create for c in changes) else None,
+            lot_ids=sorted({lot for c in changes for lot in c.lot_ids}),
+            hold_ids=sorted({hold for c in changes for hold in c.hold_ids}),
+        )
+        for account in accounts.values():
+            account.settle(now)
         return accounts

@@ -61,6 +61,16 @@ class Accounts(Protocol):
         """Lock the account (creating it when `create_at` is given) and load what a change
         can touch: open lots, pending holds, and the named lots and holds."""
 
+    def get_many_for_update(
+        self,
+        account_ids: Sequence[str],
+        *,
+        create_at: datetime | None = None,
+        lot_ids: Sequence[str] = (),
+        hold_ids: Sequence[str] = (),
+    ) -> dict[str, Account]:
+        """Lock and load several accounts in sorted order (absent ones are left out)."""
+
     def get(self, account_id: str) -> Account | None:
         """The same, without a lock, for reads."""
 

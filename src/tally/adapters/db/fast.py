@@ -35,7 +35,7 @@ def _encode_sqlite(value: Any) -> Any:
         assert value.tzinfo is not None
         # Same text as SQLAlchemy's SQLITE_TIME_FORMAT, without strftime's cost.
         return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-    if isinstance(value, dict | list):
+    if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"))
     return value
 
@@ -43,7 +43,7 @@ def _encode_sqlite(value: Any) -> Any:
 def _encode_postgresql(value: Any) -> Any:
     if type(value) in _PLAIN:
         return value
-    if isinstance(value, dict | list):
+    if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"))  # the statement casts it to JSONB
     assert not isinstance(value, datetime) or value.tzinfo is not None
     return value
