@@ -456,3 +456,25 @@ def test_put_account_creates_and_sets_email(uow: SqlUnitOfWork) -> None:
     assert ledger.get_balance("pia", uow).available == 0
     with pytest.raises(InvalidInput):
         ledger.put_account("pia", "not-an-email", uow)
+
+
+def test_metadata_and_list_results_round_trip(uow: SqlUnitOfWork) -> None:
+    meta = {"tool": "portrait", "images": [1, 2], "nested": {"ok": True}, "text": "ünï"}
+    lot = ledger.grant(
+        ledger.GrantCredits(account_id="quin", amount=5, metadata=meta, idempotency_key="m1"), uow
+    )
+    assert lot.metadata == meta
+    hold = ledger.place_hold(
+        ledger.PlaceHold(account_id="quin", amount=2, metadata=meta, idempotency_key="m2"), uow
+    )
+    assert hold.metadata == meta
+    with uow.read_only():
+        loaded = uow.accounts.get("quin")
+    assert loaded is not None
+    assert loaded.lots[lot.id].metadata == meta
+    assert loaded.holds[hold.id].metadata == meta
+    assert ledger.list_entries("quin", uow, limit=5)[-1].metadata == meta
+    cmd = ledger.ClawBack(account_id="quin", amount=9, reason="dispute", idempotency_key="m3")
+    first = ledger.claw_back(cmd, uow)
+    assert ledger.claw_back(cmd, uow) == first  # a list result replays from JSON
+    assert ledger.get_balance("quin", uow).debt == 6

@@ -27,7 +27,7 @@ import structlog
 from tally.domain.errors import TallyError
 from tally.domain.model import Account
 from tally.service.changes import Change, run_alone
-from tally.service.ports import UnitOfWork
+from tally.service.ports import KeyRecord, UnitOfWork
 
 log = structlog.get_logger("tally.group_commit")
 
@@ -36,7 +36,7 @@ MAX_BATCH: Final = 64
 
 R = TypeVar("R")
 
-_WAITING, _LEAD, _DONE, _ALONE = "waiting", "lead", "done", "alone"
+_WAITING, _LEAD, _DONE, _ALONE, _FAILED = "waiting", "lead", "done", "alone", "failed"
 
 
 @dataclass(eq=False)
@@ -85,6 +85,8 @@ class GroupCommit:
             self._lead(pending)
         if pending.state == _ALONE:
             return run_alone(self._uow_factory(), change)
+        if pending.state == _FAILED:
+            raise pending.result
         assert pending.state == _DONE
         result: R = pending.result
         return result
@@ -108,7 +110,15 @@ class GroupCommit:
         self.batches += 1
         self.changes += len(batch)
         if len(batch) == 1:
-            batch[0].decide(_ALONE)  # nothing to share: the plain path, at its plain cost
+            # Nothing to share: the plain path at its plain cost, still holding the lead so
+            # that changes arriving meanwhile queue up for the next batch.
+            (pending,) = batch
+            try:
+                result = run_alone(self._uow_factory(), pending.change)
+            except Exception as error:  # noqa: BLE001 - handed to the caller as is
+                pending.decide(_FAILED, error)
+            else:
+                pending.decide(_DONE, result)
             return
         outcome = _Batch()
         try:
@@ -157,18 +167,20 @@ class GroupCommit:
                 outcome.done.append((pending, response))
             if outcome.done:
                 with uow.batch():
-                    for account in accounts.values():
-                        uow.accounts.save(account)
-                    for pending, response in outcome.done:
-                        change = pending.change
-                        uow.idempotency.add(
-                            change.scope,
-                            change.key,
-                            request_hash=change.request_hash,
-                            response=response,
-                            account_id=owners[pending],
-                            now=now,
-                        )
+                    uow.accounts.save_many(list(accounts.values()))
+                    uow.idempotency.add_many(
+                        [
+                            KeyRecord(
+                                pending.change.scope,
+                                pending.change.key,
+                                pending.change.request_hash,
+                                response,
+                                owners[pending],
+                            )
+                            for pending, response in outcome.done
+                        ],
+                        now,
+                    )
                     uow.commit()
 
     @staticmethod

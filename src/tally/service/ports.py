@@ -30,6 +30,17 @@ class StoredResult:
 
 
 @dataclass(frozen=True)
+class KeyRecord:
+    """A result to remember under an idempotency key."""
+
+    scope: str
+    key: str
+    request_hash: str
+    response: Any
+    account_id: str | None
+
+
+@dataclass(frozen=True)
 class History:
     """An account's rows as of a past instant, for balances `at` a time (rule 2 replayed)."""
 
@@ -76,6 +87,9 @@ class Accounts(Protocol):
 
     def save(self, account: Account) -> None: ...
 
+    def save_many(self, changed: Sequence[Account]) -> None:
+        """Save several accounts with one statement per kind of row."""
+
     def account_of_lot(self, lot_id: str) -> str | None: ...
 
     def account_of_hold(self, hold_id: str) -> str | None: ...
@@ -104,6 +118,9 @@ class IdempotencyStore(Protocol):
         now: datetime,
     ) -> None:
         """Store a result; raise `IdempotencyRace` if the key was stored meanwhile."""
+
+    def add_many(self, records: Sequence[KeyRecord], now: datetime) -> None:
+        """Store several results in one statement; a race on any raises `IdempotencyRace`."""
 
 
 class Audit(Protocol):

@@ -27,6 +27,19 @@ SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 _PLAIN = frozenset({str, int, type(None)})
 
 
+class Json:
+    """Marks a value for a JSON column; other lists pass as arrays (PostgreSQL `= ANY`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def json_or_null(value: Any) -> Json | None:
+    return None if value is None else Json(value)
+
+
 def _encode_sqlite(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
@@ -35,16 +48,17 @@ def _encode_sqlite(value: Any) -> Any:
         assert value.tzinfo is not None
         # Same text as SQLAlchemy's SQLITE_TIME_FORMAT, without strftime's cost.
         return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-    if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"))
+    if kind is Json:
+        return json.dumps(value.value, separators=(",", ":"))
     return value
 
 
 def _encode_postgresql(value: Any) -> Any:
-    if type(value) in _PLAIN:
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"))  # the statement casts it to JSONB
+    if kind is Json:
+        return json.dumps(value.value, separators=(",", ":"))  # the statement casts to JSONB
     assert not isinstance(value, datetime) or value.tzinfo is not None
     return value
 

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
-from tally.adapters.db.fast import FastStatement, decode_json, decode_time
+from tally.adapters.db.fast import FastStatement, Json, decode_json, decode_time, json_or_null
 from tally.adapters.db.schema import (
     accounts,
     entries,
@@ -35,7 +35,7 @@ from tally.domain.model import (
     HoldStatus,
     Lot,
 )
-from tally.service.ports import History, IdempotencyRace, StoredResult
+from tally.service.ports import History, IdempotencyRace, KeyRecord, StoredResult
 
 
 def _lot(row: Any) -> Lot:
@@ -215,6 +215,94 @@ _IDEMPOTENCY_GET = FastStatement(
 _IDEMPOTENCY_ADD = FastStatement(insert(idempotency_keys))
 
 
+def _rows_of(account: Account, rows: dict[FastStatement, list[dict[str, Any]]]) -> None:
+    if account.new_entries or account.email_changed:
+        rows[_UPDATE_ACCOUNT].append(
+            {
+                "b_account_id": account.account_id,
+                "b_debt": account.debt,
+                "b_entry_seq": account.entry_seq,
+                "b_pending_holds": account.pending_holds,
+                "b_email": account.email,
+            }
+        )
+    new_lot_ids = {lot.id for lot in account.new_lots}
+    rows[_INSERT_LOTS] += [
+        {
+            "lot_id": lot.id,
+            "account_id": lot.account_id,
+            "source": lot.source,
+            "amount": lot.amount,
+            "remaining": lot.remaining,
+            "expires_at": lot.expires_at,
+            "priority": lot.priority,
+            "created_at": lot.created_at,
+            "voided_at": lot.voided_at,
+            "reason": lot.reason,
+            "metadata": json_or_null(lot.metadata),
+        }
+        for lot in account.new_lots
+    ]
+    rows[_UPDATE_LOT] += [
+        {
+            "b_lot_id": lot_id,
+            "b_remaining": account.lots[lot_id].remaining,
+            "b_voided_at": account.lots[lot_id].voided_at,
+        }
+        for lot_id in sorted(account.changed_lot_ids - new_lot_ids)
+    ]
+    new_hold_ids = {hold.id for hold in account.new_holds}
+    rows[_INSERT_HOLDS] += [
+        {
+            "hold_id": hold.id,
+            "account_id": hold.account_id,
+            "amount": hold.amount,
+            "captured": hold.captured,
+            "status": hold.status.value,
+            "expires_at": hold.expires_at,
+            "created_at": hold.created_at,
+            "metadata": json_or_null(hold.metadata),
+        }
+        for hold in account.new_holds
+    ]
+    rows[_INSERT_ALLOCATIONS] += [
+        {
+            "hold_id": hold.id,
+            "position": position,
+            "lot_id": allocation.lot_id,
+            "account_id": hold.account_id,
+            "amount": allocation.amount,
+        }
+        for hold in account.new_holds
+        for position, allocation in enumerate(hold.allocations)
+    ]
+    rows[_UPDATE_HOLD] += [
+        {
+            "b_hold_id": hold_id,
+            "b_status": account.holds[hold_id].status.value,
+            "b_captured": account.holds[hold_id].captured,
+        }
+        for hold_id in sorted(account.changed_hold_ids - new_hold_ids)
+    ]
+    rows[_INSERT_ENTRIES] += [
+        {
+            "entry_id": e.id,
+            "account_id": e.account_id,
+            "seq": e.seq,
+            "type": e.type.value,
+            "amount": e.amount,
+            "lot_id": e.lot_id,
+            "hold_id": e.hold_id,
+            "created_at": e.created_at,
+            "idempotency_key": e.idempotency_key,
+            "platform_id": e.platform_id,
+            "reason": e.reason,
+            "metadata": json_or_null(e.metadata),
+        }
+        for e in account.new_entries
+    ]
+
+
 class SqlAccounts:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
@@ -352,116 +440,28 @@ class SqlAccounts:
         self.connection.execute(statement)
 
     def save(self, account: Account) -> None:
-        connection = self.connection
-        if account.new_entries or account.email_changed:
-            _UPDATE_ACCOUNT.execute(
-                connection,
-                {
-                    "b_account_id": account.account_id,
-                    "b_debt": account.debt,
-                    "b_entry_seq": account.entry_seq,
-                    "b_pending_holds": account.pending_holds,
-                    "b_email": account.email,
-                },
+        self.save_many([account])
+
+    def save_many(self, changed: Sequence[Account]) -> None:
+        """Write what changed in these accounts: one batched statement per kind of row."""
+        rows: dict[FastStatement, list[dict[str, Any]]] = {
+            statement: []
+            for statement in (
+                _UPDATE_ACCOUNT,
+                _INSERT_LOTS,
+                _UPDATE_LOT,
+                _INSERT_HOLDS,
+                _INSERT_ALLOCATIONS,
+                _UPDATE_HOLD,
+                _INSERT_ENTRIES,
             )
-        new_lot_ids = {lot.id for lot in account.new_lots}
-        if account.new_lots:
-            _INSERT_LOTS.execute_many(
-                connection,
-                [
-                    {
-                        "lot_id": lot.id,
-                        "account_id": lot.account_id,
-                        "source": lot.source,
-                        "amount": lot.amount,
-                        "remaining": lot.remaining,
-                        "expires_at": lot.expires_at,
-                        "priority": lot.priority,
-                        "created_at": lot.created_at,
-                        "voided_at": lot.voided_at,
-                        "reason": lot.reason,
-                        "metadata": lot.metadata,
-                    }
-                    for lot in account.new_lots
-                ],
-            )
-        changed_lots = [account.lots[lot_id] for lot_id in account.changed_lot_ids - new_lot_ids]
-        if changed_lots:
-            _UPDATE_LOT.execute_many(
-                connection,
-                [
-                    {
-                        "b_lot_id": lot.id,
-                        "b_remaining": lot.remaining,
-                        "b_voided_at": lot.voided_at,
-                    }
-                    for lot in changed_lots
-                ],
-            )
-        new_hold_ids = {hold.id for hold in account.new_holds}
-        if account.new_holds:
-            _INSERT_HOLDS.execute_many(
-                connection,
-                [
-                    {
-                        "hold_id": hold.id,
-                        "account_id": hold.account_id,
-                        "amount": hold.amount,
-                        "captured": hold.captured,
-                        "status": hold.status.value,
-                        "expires_at": hold.expires_at,
-                        "created_at": hold.created_at,
-                        "metadata": hold.metadata,
-                    }
-                    for hold in account.new_holds
-                ],
-            )
-            _INSERT_ALLOCATIONS.execute_many(
-                connection,
-                [
-                    {
-                        "hold_id": hold.id,
-                        "position": position,
-                        "lot_id": allocation.lot_id,
-                        "account_id": hold.account_id,
-                        "amount": allocation.amount,
-                    }
-                    for hold in account.new_holds
-                    for position, allocation in enumerate(hold.allocations)
-                ],
-            )
-        changed_holds = [
-            account.holds[hold_id] for hold_id in account.changed_hold_ids - new_hold_ids
-        ]
-        if changed_holds:
-            _UPDATE_HOLD.execute_many(
-                connection,
-                [
-                    {"b_hold_id": h.id, "b_status": h.status.value, "b_captured": h.captured}
-                    for h in changed_holds
-                ],
-            )
-        if account.new_entries:
-            _INSERT_ENTRIES.execute_many(
-                connection,
-                [
-                    {
-                        "entry_id": e.id,
-                        "account_id": e.account_id,
-                        "seq": e.seq,
-                        "type": e.type.value,
-                        "amount": e.amount,
-                        "lot_id": e.lot_id,
-                        "hold_id": e.hold_id,
-                        "created_at": e.created_at,
-                        "idempotency_key": e.idempotency_key,
-                        "platform_id": e.platform_id,
-                        "reason": e.reason,
-                        "metadata": e.metadata,
-                    }
-                    for e in account.new_entries
-                ],
-            )
+        }
+        for account in changed:
+            _rows_of(account, rows)
+        # Parents before children: lots and holds before the entries that name them.
+        for statement, batch in rows.items():
+            if batch:
+                statement.execute_many(self.connection, batch)
 
     def account_of_lot(self, lot_id: str) -> str | None:
         found = _ACCOUNT_OF_LOT.rows(self.connection, {"lot_id": lot_id})
@@ -532,18 +532,24 @@ class SqlIdempotencyStore:
         account_id: str | None,
         now: datetime,
     ) -> None:
+        self.add_many([KeyRecord(scope, key, request_hash, response, account_id)], now)
+
+    def add_many(self, records: Sequence[KeyRecord], now: datetime) -> None:
         driver_error = self.connection.dialect.loaded_dbapi.IntegrityError
         try:
-            _IDEMPOTENCY_ADD.execute(
+            _IDEMPOTENCY_ADD.execute_many(
                 self.connection,
-                {
-                    "scope": scope,
-                    "key": key,
-                    "request_hash": request_hash,
-                    "response": response,
-                    "account_id": account_id,
-                    "created_at": now,
-                },
+                [
+                    {
+                        "scope": record.scope,
+                        "key": record.key,
+                        "request_hash": record.request_hash,
+                        "response": Json(record.response),
+                        "account_id": record.account_id,
+                        "created_at": now,
+                    }
+                    for record in records
+                ],
             )
         except (IntegrityError, driver_error) as error:
-            raise IdempotencyRace(key) from error
+            raise IdempotencyRace(str(error)[:200]) from error
