@@ -163,14 +163,15 @@ class Balance:
 
 @dataclass(frozen=True)
 class Debit:
-    """The outcome of a one-step spend: the entries it wrote, one per lot touched."""
+    """The outcome of a one-step spend: its allocations and the ids of the entries it wrote,
+    one per lot touched (the first id names the debit)."""
 
     id: str
     account_id: str
     amount: int
     created_at: datetime
     allocations: list[Allocation]
-    entries: list[Entry]
+    entry_ids: list[str]
 
 
 def allocate(lots: list[Lot], amount: int, now: datetime) -> list[Allocation]:
@@ -410,7 +411,7 @@ class Account:
             amount=amount,
             created_at=now,
             allocations=allocations,
-            entries=entries,
+            entry_ids=[entry.id for entry in entries],
         )
 
     def void_lot(self, lot_id: str, now: datetime, origin: Origin) -> Lot:

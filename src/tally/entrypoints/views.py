@@ -77,7 +77,7 @@ def debit_view(debit: Debit) -> dict[str, Any]:
         "amount": debit.amount,
         "created_at": format_time(debit.created_at),
         "allocations": [{"lot_id": a.lot_id, "amount": a.amount} for a in debit.allocations],
-        "entries": [entry.id for entry in debit.entries],
+        "entries": list(debit.entry_ids),
     }
 
 
