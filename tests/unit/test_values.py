@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -99,3 +99,19 @@ def test_ids_are_prefixed_sortable_and_unique() -> None:
     assert (
         len({values.new_id("ent", datetime(2026, 1, 1, tzinfo=UTC)) for _ in range(1000)}) == 1000
     )
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 1, 2, 5, 4, 5, 999999, tzinfo=timezone(timedelta(hours=2))),
+    ],
+)
+def test_the_fast_path_writes_sqlite_times_as_sqlalchemy_does(moment: datetime) -> None:
+    from tally.adapters.db.fast import SQLITE_TIME_FORMAT, _encode_sqlite, decode_time
+
+    text = _encode_sqlite(moment)
+    assert text == moment.astimezone(UTC).strftime(SQLITE_TIME_FORMAT)
+    assert decode_time(text) == moment

@@ -77,6 +77,12 @@ class Change(Generic[R]):
         return self.adapter.validate_python(response)
 
 
+def run(uow: UnitOfWork, change: Change[R]) -> R:
+    """Run a change in the unit of work's commit group if it has one, else alone."""
+    group = uow.group
+    return group.submit(change) if group is not None else run_alone(uow, change)
+
+
 def run_alone(uow: UnitOfWork, change: Change[R]) -> R:
     """Run `change` on its locked account once per idempotency key (rule 5).
 

@@ -4,7 +4,7 @@ commit, under the caller's idempotency key (rule 5)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TypeVar
@@ -30,7 +30,7 @@ from tally.domain.model import (
     Lot,
     account_at,
 )
-from tally.service.changes import Change, Command, run_alone
+from tally.service.changes import Change, Command, run
 from tally.service.ports import AuditReport, UnitOfWork
 
 #: Rule 4: purchased and gifted credits last two years unless the package says otherwise;
@@ -138,7 +138,7 @@ def grant(cmd: GrantCredits, uow: UnitOfWork) -> Lot:
             metadata=cmd.metadata,
         )
 
-    return _change(uow, cmd, cmd.account_id, action, Lot, create=True)
+    return run(uow, Change(cmd, cmd.account_id, action, Lot, create=True))
 
 
 def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
@@ -155,7 +155,7 @@ def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
             metadata=cmd.metadata,
         )
 
-    return _change(uow, cmd, cmd.account_id, action, Hold)
+    return run(uow, Change(cmd, cmd.account_id, action, Hold))
 
 
 def capture(cmd: CaptureHold, uow: UnitOfWork) -> Hold:
@@ -165,7 +165,7 @@ def capture(cmd: CaptureHold, uow: UnitOfWork) -> Hold:
     def action(account: Account, now: datetime) -> Hold:
         return account.capture(cmd.hold_id, amount, now, cmd.origin())
 
-    return _change(uow, cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
+    return run(uow, Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id]))
 
 
 def release(cmd: ReleaseHold, uow: UnitOfWork) -> Hold:
@@ -174,7 +174,7 @@ def release(cmd: ReleaseHold, uow: UnitOfWork) -> Hold:
     def action(account: Account, now: datetime) -> Hold:
         return account.release(cmd.hold_id, now, cmd.origin(cmd.reason))
 
-    return _change(uow, cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
+    return run(uow, Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id]))
 
 
 def debit(cmd: DebitCredits, uow: UnitOfWork) -> Debit:
@@ -185,7 +185,7 @@ def debit(cmd: DebitCredits, uow: UnitOfWork) -> Debit:
     def action(account: Account, now: datetime) -> Debit:
         return account.debit(amount=amount, now=now, origin=cmd.origin())
 
-    return _change(uow, cmd, cmd.account_id, action, Debit)
+    return run(uow, Change(cmd, cmd.account_id, action, Debit))
 
 
 def void_lot(cmd: VoidLot, uow: UnitOfWork) -> Lot:
@@ -200,7 +200,7 @@ def void_lot(cmd: VoidLot, uow: UnitOfWork) -> Lot:
     def action(account: Account, now: datetime) -> Lot:
         return account.void_lot(cmd.lot_id, now, cmd.origin(cmd.reason))
 
-    return _change(uow, cmd, owner, action, Lot, lot_ids=[cmd.lot_id])
+    return run(uow, Change(cmd, owner, action, Lot, lot_ids=[cmd.lot_id]))
 
 
 def claw_back(cmd: ClawBack, uow: UnitOfWork) -> list[Entry]:
@@ -213,7 +213,7 @@ def claw_back(cmd: ClawBack, uow: UnitOfWork) -> list[Entry]:
         )
 
     lot_ids = [cmd.lot_id] if cmd.lot_id else []
-    return _change(uow, cmd, cmd.account_id, action, list[Entry], lot_ids=lot_ids)
+    return run(uow, Change(cmd, cmd.account_id, action, list[Entry], lot_ids=lot_ids))
 
 
 def adjust(cmd: Adjust, uow: UnitOfWork) -> list[Entry]:
@@ -225,7 +225,7 @@ def adjust(cmd: Adjust, uow: UnitOfWork) -> list[Entry]:
     def action(account: Account, now: datetime) -> list[Entry]:
         return account.adjust(delta=cmd.delta, now=now, origin=cmd.origin(cmd.reason))
 
-    return _change(uow, cmd, cmd.account_id, action, list[Entry])
+    return run(uow, Change(cmd, cmd.account_id, action, list[Entry]))
 
 
 def put_account(account_id: str, email: str | None, uow: UnitOfWork) -> Account:
@@ -305,24 +305,6 @@ def sweep(uow: UnitOfWork, *, batch_size: int = SWEEP_BATCH_SIZE) -> SweepResult
 
 
 # --- the idempotent change ------------------------------------------------------------------
-
-
-def _change(
-    uow: UnitOfWork,
-    cmd: Command,
-    account: str | Callable[[UnitOfWork], str],
-    action: Callable[[Account, datetime], R],
-    result_type: Any,
-    *,
-    create: bool = False,
-    lot_ids: Sequence[str] = (),
-    hold_ids: Sequence[str] = (),
-) -> R:
-    change = Change(
-        cmd, account, action, result_type, create=create, lot_ids=lot_ids, hold_ids=hold_ids
-    )
-    group = uow.group
-    return group.submit(change) if group is not None else run_alone(uow, change)
 
 
 def _check_id(value: str, prefix: str, error: type[NotFound]) -> None:

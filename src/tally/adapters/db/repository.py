@@ -38,35 +38,24 @@ from tally.domain.model import (
 from tally.service.ports import History, IdempotencyRace, KeyRecord, StoredResult
 
 
-def _lot(row: Any) -> Lot:
-    return Lot(
-        id=row.lot_id,
-        account_id=row.account_id,
-        source=row.source,
-        amount=row.amount,
-        remaining=row.remaining,
-        expires_at=decode_time(row.expires_at),
-        priority=row.priority,
-        created_at=decode_time(row.created_at),
-        voided_at=decode_time(row.voided_at),
-        reason=row.reason,
-        metadata=decode_json(row.metadata),
-    )
+def _lot(row: Any, prefix: str = "") -> Lot:
+    """A lot from a row of `lots`, or from a joined row whose lot columns carry `prefix`."""
 
+    def column(name: str) -> Any:
+        return getattr(row, prefix + name)
 
-def _lot_of_joined(row: Any) -> Lot:
     return Lot(
-        id=row.lot_lot_id,
-        account_id=row.lot_account_id,
-        source=row.lot_source,
-        amount=row.lot_amount,
-        remaining=row.lot_remaining,
-        expires_at=decode_time(row.lot_expires_at),
-        priority=row.lot_priority,
-        created_at=decode_time(row.lot_created_at),
-        voided_at=decode_time(row.lot_voided_at),
-        reason=row.lot_reason,
-        metadata=decode_json(row.lot_metadata),
+        id=column("lot_id"),
+        account_id=column("account_id"),
+        source=column("source"),
+        amount=column("amount"),
+        remaining=column("remaining"),
+        expires_at=decode_time(column("expires_at")),
+        priority=column("priority"),
+        created_at=decode_time(column("created_at")),
+        voided_at=decode_time(column("voided_at")),
+        reason=column("reason"),
+        metadata=decode_json(column("metadata")),
     )
 
 
@@ -414,7 +403,7 @@ class SqlAccounts:
             )
         account.holds = {hold.id: hold for hold in loaded_holds}
         account.lots = {
-            lot_row.lot_lot_id: _lot_of_joined(lot_row) for lot_row in found if lot_row.lot_lot_id
+            lot_row.lot_lot_id: _lot(lot_row, "lot_") for lot_row in found if lot_row.lot_lot_id
         }
         referenced = {a.lot_id for hold in loaded_holds for a in hold.allocations}
         missing = (referenced | set(lot_ids)) - account.lots.keys()
