@@ -408,6 +408,8 @@ def test_the_journal_is_append_only_in_the_database(uow: SqlUnitOfWork) -> None:
         {"amount": 5, "remaining": -1},
         {"amount": 0, "remaining": 0},
         {"amount": 5, "remaining": 5, "source": "stolen"},
+        {"amount": 5, "remaining": 5, "is_open": False},
+        {"amount": 5, "remaining": 0, "is_open": True},
     ],
 )
 def test_the_database_refuses_impossible_lots(
@@ -420,10 +422,15 @@ def test_the_database_refuses_impossible_lots(
         "source": "gift",
         "priority": 0,
         "created_at": clock(),
+        "is_open": values.get("remaining", 0) > 0,
         **values,
     }
     with pytest.raises(IntegrityError), uow.database.engine.begin() as connection:
         connection.execute(insert(lots).values(row))
+    # The same row made possible is accepted: the refusal above was for the broken rule.
+    fixed = {**row, "amount": 5, "remaining": 5, "is_open": True, "source": "gift"}
+    with uow.database.engine.begin() as connection:
+        connection.execute(insert(lots).values(fixed))
 
 
 def test_entries_are_numbered_and_carry_the_key(uow: SqlUnitOfWork) -> None:

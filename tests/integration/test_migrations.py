@@ -36,8 +36,9 @@ def test_migrations_match_the_declared_schema(kind: str, tmp_path: Path) -> None
             )
             connection.execute(
                 text(
-                    "INSERT INTO lots (lot_id, account_id, source, amount, remaining, priority, "
-                    "created_at) VALUES ('lot_a', 'a', 'gift', 1, 1, 0, CURRENT_TIMESTAMP)"
+                    "INSERT INTO lots (lot_id, account_id, source, amount, remaining, is_open, "
+                    "priority, created_at) "
+                    "VALUES ('lot_a', 'a', 'gift', 1, 1, true, 0, CURRENT_TIMESTAMP)"
                 )
             )
             connection.execute(

@@ -11,7 +11,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, String, and_, any_, bindparam, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    String,
+    and_,
+    any_,
+    bindparam,
+    insert,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -126,7 +137,7 @@ def _account_query(where: Any) -> Any:
         select(accounts, *[column.label(f"lot_{column.name}") for column in lots.c])
         .select_from(
             accounts.outerjoin(
-                lots, and_(lots.c.account_id == accounts.c.account_id, lots.c.remaining > 0)
+                lots, and_(lots.c.account_id == accounts.c.account_id, lots.c.is_open == true())
             )
         )
         .where(where)
@@ -178,7 +189,17 @@ _UPDATE_ACCOUNT = FastStatement(
 _UPDATE_LOT = FastStatement(
     update(lots)
     .where(lots.c.lot_id == bindparam("b_lot_id"))
-    .values(remaining=bindparam("b_remaining"), voided_at=bindparam("b_voided_at"))
+    .values(
+        remaining=bindparam("b_remaining"),
+        is_open=bindparam("b_is_open"),
+        voided_at=bindparam("b_voided_at"),
+    )
+)
+# The common case, a spend that leaves the lot open: touches no index.
+_UPDATE_LOT_REMAINING = FastStatement(
+    update(lots)
+    .where(lots.c.lot_id == bindparam("b_lot_id"))
+    .values(remaining=bindparam("b_remaining"))
 )
 _UPDATE_HOLD = FastStatement(
     update(holds)
@@ -204,7 +225,13 @@ _IDEMPOTENCY_GET = FastStatement(
 _IDEMPOTENCY_ADD = FastStatement(insert(idempotency_keys))
 
 
-def _rows_of(account: Account, rows: dict[FastStatement, list[dict[str, Any]]]) -> None:
+#: Per loaded lot: (open, voided_at) as read, to tell a remaining-only update from a full one.
+LoadedLots = dict[str, tuple[bool, datetime | None]]
+
+
+def _rows_of(
+    account: Account, rows: dict[FastStatement, list[dict[str, Any]]], loaded: LoadedLots
+) -> None:
     if account.new_entries or account.email_changed:
         rows[_UPDATE_ACCOUNT].append(
             {
@@ -223,6 +250,7 @@ def _rows_of(account: Account, rows: dict[FastStatement, list[dict[str, Any]]]) 
             "source": lot.source,
             "amount": lot.amount,
             "remaining": lot.remaining,
+            "is_open": lot.remaining > 0,
             "expires_at": lot.expires_at,
             "priority": lot.priority,
             "created_at": lot.created_at,
@@ -232,14 +260,20 @@ def _rows_of(account: Account, rows: dict[FastStatement, list[dict[str, Any]]]) 
         }
         for lot in account.new_lots
     ]
-    rows[_UPDATE_LOT] += [
-        {
-            "b_lot_id": lot_id,
-            "b_remaining": account.lots[lot_id].remaining,
-            "b_voided_at": account.lots[lot_id].voided_at,
-        }
-        for lot_id in sorted(account.changed_lot_ids - new_lot_ids)
-    ]
+    for lot_id in sorted(account.changed_lot_ids - new_lot_ids):
+        lot = account.lots[lot_id]
+        state = (lot.remaining > 0, lot.voided_at)
+        if loaded.get(lot_id) == state:
+            rows[_UPDATE_LOT_REMAINING].append({"b_lot_id": lot_id, "b_remaining": lot.remaining})
+        else:
+            rows[_UPDATE_LOT].append(
+                {
+                    "b_lot_id": lot_id,
+                    "b_remaining": lot.remaining,
+                    "b_is_open": state[0],
+                    "b_voided_at": lot.voided_at,
+                }
+            )
     new_hold_ids = {hold.id for hold in account.new_holds}
     rows[_INSERT_HOLDS] += [
         {
@@ -296,6 +330,7 @@ class SqlAccounts:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.dialect = connection.dialect.name
+        self._loaded_lots: LoadedLots = {}
 
     def get_for_update(
         self,
@@ -412,6 +447,8 @@ class SqlAccounts:
                 _LOTS_BY_ID, {"account_id": account_id, "lot_ids": sorted(missing)}
             ):
                 account.lots[row.lot_id] = _lot(row)
+        for lot in account.lots.values():
+            self._loaded_lots[lot.id] = (lot.remaining > 0, lot.voided_at)
         return account
 
     def _insert_account(self, account_id: str, now: datetime) -> None:
@@ -439,6 +476,7 @@ class SqlAccounts:
                 _UPDATE_ACCOUNT,
                 _INSERT_LOTS,
                 _UPDATE_LOT,
+                _UPDATE_LOT_REMAINING,
                 _INSERT_HOLDS,
                 _INSERT_ALLOCATIONS,
                 _UPDATE_HOLD,
@@ -446,7 +484,7 @@ class SqlAccounts:
             )
         }
         for account in changed:
-            _rows_of(account, rows)
+            _rows_of(account, rows, self._loaded_lots)
         # Parents before children: lots and holds before the entries that name them.
         for statement, batch in rows.items():
             if batch:
@@ -461,7 +499,9 @@ class SqlAccounts:
         return found[0].account_id if found else None
 
     def due(self, now: datetime, limit: int) -> list[str]:
-        due_lots = select(lots.c.account_id).where(lots.c.remaining > 0, lots.c.expires_at <= now)
+        due_lots = select(lots.c.account_id).where(
+            lots.c.is_open == true(), lots.c.expires_at <= now
+        )
         due_holds = select(holds.c.account_id).where(
             holds.c.status == HoldStatus.PENDING.value, holds.c.expires_at <= now
         )

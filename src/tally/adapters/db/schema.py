@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -98,6 +99,10 @@ lots = Table(
     Column("source", String(16), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("remaining", BigInteger, nullable=False),
+    # remaining > 0, kept as its own column so the open-lot indexes do not name `remaining`:
+    # a spend then updates `remaining` alone and leaves the indexes untouched (fewer pages per
+    # commit on SQLite, HOT updates on PostgreSQL). The CHECK keeps the two in step.
+    Column("is_open", Boolean(create_constraint=False), nullable=False),
     Column("expires_at", UTCDateTime),
     Column("priority", Integer, nullable=False, server_default="0"),
     Column("created_at", UTCDateTime, nullable=False),
@@ -106,6 +111,7 @@ lots = Table(
     Column("metadata", Json),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("remaining BETWEEN 0 AND amount", name="remaining_within_amount"),
+    CheckConstraint("is_open = (remaining > 0)", name="open_iff_remaining"),
     CheckConstraint("voided_at IS NULL OR remaining = 0", name="void_lot_is_empty"),
     CheckConstraint("expires_at IS NULL OR expires_at > created_at", name="expires_after_created"),
     CheckConstraint(_in("source", SOURCES), name="source_known"),
@@ -114,14 +120,14 @@ lots = Table(
     Index(
         "ix_lots_open",
         "account_id",
-        sqlite_where=text("remaining > 0"),
-        postgresql_where=text("remaining > 0"),
+        sqlite_where=text("is_open = 1"),
+        postgresql_where=text("is_open"),
     ),
     Index(
         "ix_lots_due",
         "expires_at",
-        sqlite_where=text("remaining > 0"),
-        postgresql_where=text("remaining > 0"),
+        sqlite_where=text("is_open = 1"),
+        postgresql_where=text("is_open"),
     ),
 )
 
@@ -202,6 +208,9 @@ entries = Table(
         sqlite_where=text("hold_id IS NOT NULL"),
         postgresql_where=text("hold_id IS NOT NULL"),
     ),
+    # SQLite: the primary key is the table (one B-tree, not a rowid table plus an index), so a
+    # journal append dirties one page fewer. Entry ids are time-ordered: appends stay at the end.
+    sqlite_with_rowid=False,
 )
 
 idempotency_keys = Table(
@@ -214,6 +223,7 @@ idempotency_keys = Table(
     Column("account_id", String(128)),
     Column("created_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("scope", "key"),
+    sqlite_with_rowid=False,
 )
 
 

@@ -62,6 +62,7 @@ def upgrade() -> None:
         sa.Column("account_id", sa.String(length=128), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("scope", "key", name=op.f("pk_idempotency_keys")),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "holds",
@@ -117,6 +118,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=16), nullable=False),
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.Column("remaining", sa.BigInteger(), nullable=False),
+        sa.Column("is_open", sa.Boolean(create_constraint=False), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("priority", sa.Integer(), server_default="0", nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -139,6 +141,7 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "remaining BETWEEN 0 AND amount", name=op.f("ck_lots_remaining_within_amount")
         ),
+        sa.CheckConstraint("is_open = (remaining > 0)", name=op.f("ck_lots_open_iff_remaining")),
         sa.CheckConstraint(
             "voided_at IS NULL OR remaining = 0", name=op.f("ck_lots_void_lot_is_empty")
         ),
@@ -152,16 +155,16 @@ def upgrade() -> None:
             "ix_lots_due",
             ["expires_at"],
             unique=False,
-            sqlite_where=sa.text("remaining > 0"),
-            postgresql_where=sa.text("remaining > 0"),
+            sqlite_where=sa.text("is_open = 1"),
+            postgresql_where=sa.text("is_open"),
         )
         batch_op.create_index("ix_lots_account_id", ["account_id"], unique=False)
         batch_op.create_index(
             "ix_lots_open",
             ["account_id"],
             unique=False,
-            sqlite_where=sa.text("remaining > 0"),
-            postgresql_where=sa.text("remaining > 0"),
+            sqlite_where=sa.text("is_open = 1"),
+            postgresql_where=sa.text("is_open"),
         )
 
     op.create_table(
@@ -208,6 +211,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["lot_id"], ["lots.lot_id"], name=op.f("fk_entries_lot_id_lots")),
         sa.PrimaryKeyConstraint("entry_id", name=op.f("pk_entries")),
         sa.UniqueConstraint("account_id", "seq", name=op.f("uq_entries_account_id_seq")),
+        sqlite_with_rowid=False,
     )
     with op.batch_alter_table("entries", schema=None) as batch_op:
         batch_op.create_index(
@@ -255,13 +259,13 @@ def downgrade() -> None:
         batch_op.drop_index("ix_lots_account_id")
         batch_op.drop_index(
             "ix_lots_open",
-            sqlite_where=sa.text("remaining > 0"),
-            postgresql_where=sa.text("remaining > 0"),
+            sqlite_where=sa.text("is_open = 1"),
+            postgresql_where=sa.text("is_open"),
         )
         batch_op.drop_index(
             "ix_lots_due",
-            sqlite_where=sa.text("remaining > 0"),
-            postgresql_where=sa.text("remaining > 0"),
+            sqlite_where=sa.text("is_open = 1"),
+            postgresql_where=sa.text("is_open"),
         )
 
     op.drop_table("lots")
