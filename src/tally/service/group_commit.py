@@ -124,6 +124,8 @@ class GroupCommit:
         try:
             self._execute(batch, outcome)
         except Exception:
+            # Whatever broke the shared transaction (a lost idempotency race, a dropped
+            # connection, a bug), each change is re-run alone, where its own error surfaces.
             log.warning("group_commit_fell_back", changes=len(batch), exc_info=True)
             self.fallbacks += 1
             outcome = _Batch(alone=list(batch))
