@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -31,7 +32,7 @@ from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.schema import metadata
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.bootstrap import system_clock
-from tally.domain.model import Origin
+from tally.domain.model import Account, Origin
 from tally.service import ledger
 from tally.service.group_commit import GroupCommit
 
@@ -77,6 +78,13 @@ def postgres_database() -> Iterator[Database]:
         admin.dispose()
 
 
+def grant_stock(account: Account, now: datetime, origin: Origin) -> None:
+    """A lot large enough that no benchmark runs it dry."""
+    account.grant(
+        amount=STOCK, source="promotional", expires_at=None, priority=0, now=now, origin=origin
+    )
+
+
 def seed(db: Database, names: list[str]) -> None:
     """Grant every account a large lot, a thousand accounts per transaction."""
     uow = SqlUnitOfWork(db, system_clock)
@@ -87,14 +95,7 @@ def seed(db: Database, names: list[str]) -> None:
             for name in names[start : start + SEED_BATCH]:
                 account = uow.accounts.get_for_update(name, create_at=now)
                 assert account is not None
-                account.grant(
-                    amount=STOCK,
-                    source="promotional",
-                    expires_at=None,
-                    priority=0,
-                    now=now,
-                    origin=origin,
-                )
+                grant_stock(account, now, origin)
                 uow.accounts.save(account)
             uow.commit()
 
@@ -226,14 +227,7 @@ def history(db: Database, account: str, entries: int) -> None:
             loaded = uow.accounts.get_for_update(account, create_at=now)
             assert loaded is not None
             if written == 0:
-                loaded.grant(
-                    amount=STOCK,
-                    source="promotional",
-                    expires_at=None,
-                    priority=0,
-                    now=now,
-                    origin=origin,
-                )
+                grant_stock(loaded, now, origin)
                 written += 1
             for _ in range(min(10_000, entries - written)):
                 loaded.debit(amount=1, now=now, origin=origin)

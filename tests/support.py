@@ -82,20 +82,19 @@ def postgres_schema() -> Iterator[str]:
 
 
 @contextmanager
+def _url(kind: str, tmp_dir: str) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_dir}/tally-{secrets.token_hex(4)}.db"
+    else:
+        with postgres_schema() as url:
+            yield url
+
+
+@contextmanager
 def database(
     kind: str, tmp_dir: str, *, create: bool = True, pool_size: int = 10
 ) -> Iterator[Database]:
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_dir}/tally-{secrets.token_hex(4)}.db"
-        db = connect(url, pool_size=pool_size)
-        if create:
-            metadata.create_all(db.engine)
-        try:
-            yield db
-        finally:
-            db.dispose()
-        return
-    with postgres_schema() as url:
+    with _url(kind, tmp_dir) as url:
         db = connect(url, pool_size=pool_size)
         if create:
             metadata.create_all(db.engine)
