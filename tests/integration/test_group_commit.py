@@ -25,7 +25,7 @@ def grouped(db: Database, clock: FakeClock) -> tuple[GroupCommit, SqlUnitOfWork]
 def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
     """Queue every call behind a pretend leader, in order, then let the first lead them all."""
     with group._lock:
-        group._leading = True
+        group._leaders = group._max_leaders  # every lead taken: callers queue
     results: list[Any] = [None] * len(calls)
 
     def call(index: int) -> None:
@@ -45,7 +45,7 @@ def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
             time.sleep(0.001)
     batches = group.batches
     with group._lock:
-        group._queue[0].decide("lead")
+        group._queue[0].decide("lead")  # the pretend leader hands its lead on
     for thread in threads:
         thread.join(timeout=30)
     assert group.batches == batches + 1, "the calls must have run as one batch"

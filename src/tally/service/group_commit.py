@@ -33,6 +33,9 @@ log = structlog.get_logger("tally.group_commit")
 
 #: The most changes one transaction carries: bounds lock time and the size of one COMMIT.
 MAX_BATCH: Final = 64
+#: The most batches in flight at once. One keeps batches largest; on PostgreSQL a second
+#: overlaps one batch's Python with the other's round trips, on a second server connection.
+MAX_LEADERS: Final = 4
 
 R = TypeVar("R")
 
@@ -60,13 +63,20 @@ class _Batch:
 
 
 class GroupCommit:
-    def __init__(self, uow_factory: Callable[[], UnitOfWork], max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        uow_factory: Callable[[], UnitOfWork],
+        max_batch: int = MAX_BATCH,
+        max_leaders: int = 1,
+    ) -> None:
         assert 1 <= max_batch <= MAX_BATCH
+        assert 1 <= max_leaders <= MAX_LEADERS
         self._uow_factory = uow_factory
         self._max_batch = max_batch
+        self._max_leaders = max_leaders
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
-        self._leading = False
+        self._leaders = 0
         # Counters for tests and metrics; only the leader writes them.
         self.batches = 0
         self.changes = 0
@@ -76,11 +86,8 @@ class GroupCommit:
         pending = _Pending(change)
         with self._lock:
             self._queue.append(pending)
-            if not self._leading:
-                self._leading = True
-                pending.state = _LEAD
-        if pending.state != _LEAD:
-            pending.event.wait()
+            self._promote()
+        pending.event.wait()
         if pending.state == _LEAD:
             self._lead(pending)
         if pending.state == _ALONE:
@@ -91,20 +98,26 @@ class GroupCommit:
         result: R = pending.result
         return result
 
+    def _promote(self) -> None:
+        """Make the oldest waiting change a leader if a lead is free. Called under the lock;
+        at most one leader at a time has been chosen and not yet taken its batch."""
+        if self._queue and self._leaders < self._max_leaders and self._queue[0].state == _WAITING:
+            self._leaders += 1
+            self._queue[0].decide(_LEAD)
+
     def _lead(self, own: _Pending) -> None:
+        with self._lock:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            # While this batch waits on the database, another leader may start the next.
+            self._promote()
+        assert batch[0] is own, "a leader is always first in the queue"
         try:
-            while own.state == _LEAD:
-                with self._lock:
-                    batch = self._queue[: self._max_batch]
-                    del self._queue[: self._max_batch]
-                assert own in batch, "a new leader is always first in the queue"
-                self._run(batch)
+            self._run(batch)
         finally:
             with self._lock:
-                if self._queue:
-                    self._queue[0].decide(_LEAD)
-                else:
-                    self._leading = False
+                self._leaders -= 1
+                self._promote()
 
     def _run(self, batch: list[_Pending]) -> None:
         self.batches += 1
