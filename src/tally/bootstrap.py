@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from tally.adapters import catalog_file
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.config import Settings
+from tally.domain.catalog import Catalog
 from tally.service.group_commit import GroupCommit
 from tally.service.ports import Clock
 
@@ -22,6 +24,7 @@ class Tally:
     database: Database
     clock: Clock
     group: GroupCommit
+    catalog: Catalog
 
     def uow(self) -> SqlUnitOfWork:
         """A unit of work whose changes share transactions with concurrent ones."""
@@ -42,4 +45,4 @@ def bootstrap(settings: Settings | None = None, *, clock: Clock = system_clock) 
     settings = settings or Settings.from_env()
     database = connect(settings.database_url, pool_size=settings.pool_size)
     group = group_commit(database, clock)
-    return Tally(settings, database, clock, group)
+    return Tally(settings, database, clock, group, catalog_file.load(settings.config_path))

@@ -97,7 +97,7 @@ def test_balance_next_expiry_and_expiry_without_sweep(uow: SqlUnitOfWork, clock:
     assert (result.accounts, result.lots_expired) == (1, 1)
     assert ledger.sweep(uow).accounts == 0  # nothing left to do
     assert ledger.check(uow).due_lots == 0
-    kinds = [e.type for e in ledger.list_entries("bob", uow)]
+    kinds = [e.type for e in ledger.list_entries("bob", uow).items]
     assert kinds[0] is EntryType.EXPIRE
     assert_conserved(uow)
 
@@ -441,14 +441,14 @@ def test_entries_are_numbered_and_carry_the_key(uow: SqlUnitOfWork) -> None:
         ),
         uow,
     )
-    newest = ledger.list_entries("ola", uow, limit=1)[0]
+    newest = ledger.list_entries("ola", uow, limit=1).items[0]
     assert (newest.seq, newest.type, newest.idempotency_key, newest.platform_id) == (
         2,
         EntryType.DEBIT,
         "job-9",
         "portraits",
     )
-    older = ledger.list_entries("ola", uow, limit=5, before_seq=2)
+    older = ledger.list_entries("ola", uow, limit=5, before_seq=2).items
     assert [e.seq for e in older] == [1]
     with uow.read_only() as reader:
         count = reader.accounts.connection.execute(
@@ -480,7 +480,7 @@ def test_metadata_and_list_results_round_trip(uow: SqlUnitOfWork) -> None:
     assert loaded is not None
     assert loaded.lots[lot.id].metadata == meta
     assert loaded.holds[hold.id].metadata == meta
-    assert ledger.list_entries("quin", uow, limit=5)[-1].metadata == meta
+    assert ledger.list_entries("quin", uow, limit=5).items[-1].metadata == meta
     cmd = ledger.ClawBack(account_id="quin", amount=9, reason="dispute", idempotency_key="m3")
     first = ledger.claw_back(cmd, uow)
     assert ledger.claw_back(cmd, uow) == first  # a list result replays from JSON

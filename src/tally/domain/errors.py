@@ -80,6 +80,64 @@ class InvalidIdempotencyKey(InvalidInput):
     title = "Invalid idempotency key"
 
 
+class InvalidJson(InvalidInput):
+    """The request body is not JSON, or not the object the endpoint takes. `invalid_json`, 400."""
+
+    code = "invalid_json"
+    status = 400
+    title = "Invalid JSON"
+
+
+class IdempotencyKeyRequired(InvalidInput):
+    """Rule 5: every spend, grant and support call carries an `Idempotency-Key` header. 400."""
+
+    code = "idempotency_key_required"
+    status = 400
+    title = "Idempotency-Key header required"
+
+
+class UnknownTool(InvalidInput):
+    """The tool is not in the catalog, so its price is unknown. `unknown_tool`, 422."""
+
+    code = "unknown_tool"
+    title = "Unknown tool"
+
+
+class PayloadTooLarge(TallyError):
+    """A request body is over the limit every endpoint has (64 KiB). 413."""
+
+    code = "payload_too_large"
+    status = 413
+    title = "Request body too large"
+
+
+# --- who is asking ----------------------------------------------------------------------------
+
+
+class ApiKeyRequired(TallyError):
+    """The API answers only requests with `Authorization: Bearer <api key>`. 401."""
+
+    code = "api_key_required"
+    status = 401
+    title = "API key required"
+
+
+class ApiKeyInvalid(TallyError):
+    """The key is malformed, unknown or revoked. 401, with no hint which."""
+
+    code = "api_key_invalid"
+    status = 401
+    title = "API key invalid"
+
+
+class ScopeMissing(TallyError):
+    """The key is valid but lacks the scope this endpoint needs. 403."""
+
+    code = "scope_missing"
+    status = 403
+    title = "Scope missing"
+
+
 # --- unknown things -------------------------------------------------------------------------
 
 
@@ -110,6 +168,20 @@ class HoldNotFound(NotFound):
 
     code = "hold_not_found"
     title = "Hold not found"
+
+
+class PlatformNotFound(NotFound):
+    """No platform has this name or id."""
+
+    code = "platform_not_found"
+    title = "Platform not found"
+
+
+class ApiKeyNotFound(NotFound):
+    """No API key has this prefix."""
+
+    code = "api_key_not_found"
+    title = "API key not found"
 
 
 # --- wrong state -----------------------------------------------------------------------------
@@ -182,9 +254,43 @@ class IdempotencyKeyInUse(Conflict):
     title = "Idempotency key in use"
 
 
+class MethodNotAllowed(TallyError):
+    """The path exists but not with this HTTP method. 405."""
+
+    code = "method_not_allowed"
+    status = 405
+    title = "Method not allowed"
+
+
+class PlatformExists(Conflict):
+    """A platform with this name exists already."""
+
+    code = "platform_exists"
+    title = "Platform exists"
+
+
 class DatabaseUnavailable(TallyError):
     """The database could not be reached or the transaction could not complete. 503."""
 
     code = "database_unavailable"
     status = 503
     title = "Database unavailable"
+
+
+class InternalError(TallyError):
+    """A bug: Tally broke one of its own assertions. 500; the details stay in the log."""
+
+    code = "internal_error"
+    status = 500
+    title = "Internal error"
+
+
+def by_code() -> dict[str, type[TallyError]]:
+    """Every error class by its `code`, so clients raise the class the server named."""
+    found: dict[str, type[TallyError]] = {}
+    pending: list[type[TallyError]] = [TallyError]
+    while pending:
+        kind = pending.pop()
+        found.setdefault(kind.code, kind)
+        pending.extend(kind.__subclasses__())
+    return found

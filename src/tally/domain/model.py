@@ -117,6 +117,16 @@ class Hold:
     allocations: list[Allocation]
     captured: int = 0
     metadata: dict[str, Any] | None = None
+    # When placed as `{tool, quantity}`: the tool and how many units the amount pays for, so a
+    # capture can be asked in units at the price the hold was placed at.
+    tool: str | None = None
+    quantity: int | None = None
+
+    def credits_for(self, units: int) -> int:
+        """What `units` of the hold's tool cost at the hold's own price."""
+        if self.tool is None or self.quantity is None:
+            raise InvalidInput("this hold was placed by amount: capture an amount")
+        return self.amount // self.quantity * units
 
     def is_lapsed(self, now: datetime) -> bool:
         """A pending hold past its TTL counts as released at once; the sweep records it."""
@@ -331,8 +341,12 @@ class Account:
         now: datetime,
         origin: Origin,
         metadata: dict[str, Any] | None = None,
+        tool: str | None = None,
+        quantity: int | None = None,
     ) -> Hold:
         """Reserve credits for a job: they leave their lots now and return if released."""
+        assert (tool is None) == (quantity is None)
+        assert quantity is None or (quantity > 0 and amount % quantity == 0)
         if not 1 <= ttl_seconds <= MAX_HOLD_TTL_SECONDS:
             raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_HOLD_TTL_SECONDS}")
         if self.pending_holds >= MAX_PENDING_HOLDS:
@@ -347,6 +361,8 @@ class Account:
             created_at=now,
             allocations=allocations,
             metadata=metadata,
+            tool=tool,
+            quantity=quantity,
         )
         for allocation in allocations:
             lot = self.lots[allocation.lot_id]
@@ -484,6 +500,12 @@ class Account:
             owed = wanted if kind is EntryType.CLAWBACK else -wanted
             entries.append(self._record(kind, owed, now, origin))
         return entries
+
+    def hold(self, hold_id: str) -> Hold:
+        found = self.holds.get(hold_id)
+        if found is None:
+            raise HoldNotFound(hold_id=hold_id)
+        return found
 
     def _pending_hold(self, hold_id: str, now: datetime) -> Hold:
         hold = self.holds.get(hold_id)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-import sys
 from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import structlog
 import typer
 
+from tally import logs
 from tally.adapters.db.audit import MAX_LISTED_VIOLATIONS
 from tally.bootstrap import Tally, bootstrap
-from tally.domain import values
+from tally.domain import keys, values
 from tally.domain.errors import TallyError
 from tally.entrypoints.views import balance_view, debit_view, entry_view, hold_view, lot_view
-from tally.service import ledger
+from tally.service import ledger, platforms
 
 app = typer.Typer(
     name="tally",
@@ -266,7 +266,7 @@ def entries(account_id: str, limit: Annotated[int, typer.Option(min=1, max=500)]
     """Print an account's journal, newest first."""
     tally = _tally()
     try:
-        found = ledger.list_entries(account_id, tally.uow(), limit=limit)
+        found = ledger.list_entries(account_id, tally.uow(), limit=limit).items
         _print([entry_view(entry) for entry in found])
     finally:
         tally.close()
@@ -298,6 +298,111 @@ def check() -> None:
     raise typer.Exit(1)
 
 
+platforms_app = typer.Typer(help="Platforms: the AI tool sites that call the API.")
+keys_app = typer.Typer(help="API keys of platforms.")
+app.add_typer(platforms_app, name="platforms")
+app.add_typer(keys_app, name="keys")
+
+DEFAULT_SCOPES = ",".join(keys.DEFAULT_SCOPES)
+Scopes = Annotated[
+    str, typer.Option("--scopes", help=f"comma-separated, of: {', '.join(keys.SCOPES)}")
+]
+
+
+def _print_key(issued: platforms.IssuedKey) -> None:
+    record = issued.record
+    typer.echo(f"platform {record.platform_name} ({record.platform_id})")
+    typer.echo(f"key {record.prefix} with scopes {','.join(record.scopes)}; shown only once:")
+    typer.echo(issued.plaintext)  # alone on the last line, for scripts
+
+
+@platforms_app.command("create")
+@refusals
+def platforms_create(name: str, scopes: Scopes = DEFAULT_SCOPES) -> None:
+    """Create a platform and its first API key (the key is printed once, on the last line)."""
+    tally = _tally()
+    try:
+        _print_key(platforms.create_platform(name, scopes, tally.uow()))
+    finally:
+        tally.close()
+
+
+@keys_app.command("create")
+@refusals
+def keys_create(platform: str, scopes: Scopes = DEFAULT_SCOPES) -> None:
+    """Create another key for a platform (printed once, on the last line)."""
+    tally = _tally()
+    try:
+        _print_key(platforms.create_key(platform, scopes, tally.uow()))
+    finally:
+        tally.close()
+
+
+@keys_app.command("list")
+@refusals
+def keys_list() -> None:
+    """Every key: prefix, platform, scopes, created, revoked. Never the secret."""
+    tally = _tally()
+    try:
+        found = platforms.list_keys(tally.uow())
+    finally:
+        tally.close()
+    for key in found:
+        revoked = f"revoked {values.format_time(key.revoked_at)}" if key.revoked_at else "active"
+        typer.echo(
+            f"{key.prefix}  {key.platform_name}  {','.join(key.scopes)}  "
+            f"created {values.format_time(key.created_at)}  {revoked}"
+        )
+
+
+@keys_app.command("revoke")
+@refusals
+def keys_revoke(key_prefix: str) -> None:
+    """Revoke a key by its visible prefix (tly_...); it stops working at the next request."""
+    tally = _tally()
+    try:
+        revoked = platforms.revoke_key(key_prefix, tally.uow())
+    finally:
+        tally.close()
+    typer.echo(f"revoked {revoked.prefix} of {revoked.platform_name}")
+
+
+@app.command()
+@refusals
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="worker processes (PostgreSQL)")] = 1,
+) -> None:
+    """Serve the HTTP API (and, unless TALLY_WORKER=off, the worker's jobs in-process)."""
+    import uvicorn
+
+    typer.echo(f"Tally on http://{host}:{port}  (API docs: http://{host}:{port}/docs)", err=True)
+    uvicorn.run(
+        "tally.entrypoints.http.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+
+
+@app.command()
+@refusals
+def worker() -> None:
+    """Run the worker's scheduled jobs (the expiry sweep) in the foreground."""
+    from tally.entrypoints.worker import Worker
+
+    tally = _tally()
+    try:
+        Worker(tally).run_forever()
+    finally:
+        tally.close()
+
+
 @app.command()
 @refusals
 def sweep() -> None:
@@ -316,17 +421,6 @@ def sweep() -> None:
     )
 
 
-def _configure_logging() -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
-
-
 def main() -> None:
-    _configure_logging()
+    logs.configure()
     app()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tally.domain.model import Balance, Debit, Entry, Hold, Lot
+from tally.domain.catalog import Package, Tool
+from tally.domain.model import Account, Balance, Debit, Entry, Hold, Lot
 from tally.domain.values import format_time
 
 
@@ -45,6 +46,8 @@ def hold_view(hold: Hold, now: datetime) -> dict[str, Any]:
         "status": hold.status_at(now).value,
         "expires_at": format_time(hold.expires_at),
         "created_at": format_time(hold.created_at),
+        "tool": hold.tool,
+        "quantity": hold.quantity,
         "allocations": [{"lot_id": a.lot_id, "amount": a.amount} for a in hold.allocations],
         "metadata": hold.metadata or {},
     }
@@ -91,4 +94,37 @@ def balance_view(balance: Balance) -> dict[str, Any]:
         "next_expiry": None
         if balance.next_expiry is None
         else {"at": format_time(balance.next_expiry.at), "amount": balance.next_expiry.amount},
+    }
+
+
+def account_view(account: Account) -> dict[str, Any]:
+    return {
+        "object": "account",
+        "account_id": account.account_id,
+        "email": account.email,
+        "created_at": format_time(account.created_at),
+    }
+
+
+def tool_view(tool: Tool) -> dict[str, Any]:
+    return {
+        "id": tool.id,
+        "object": "tool",
+        "name": tool.name,
+        "credits_per_unit": tool.credits_per_unit,
+        "unit": tool.unit,
+    }
+
+
+def package_view(package: Package) -> dict[str, Any]:
+    surprise = package.surprise
+    return {
+        "id": package.id,
+        "object": "package",
+        "name": package.name,
+        "credits": package.credits,
+        "surprise": None if surprise is None else {"min": surprise.min, "max": surprise.max},
+        "price": package.price,
+        "currency": package.currency,
+        "validity": package.validity,
     }

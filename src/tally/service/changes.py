@@ -78,19 +78,22 @@ class Change(Generic[R]):
 
 
 def run(uow: UnitOfWork, change: Change[R]) -> R:
-    """Run a change in the unit of work's commit group if it has one, else alone."""
+    """Run a change in the unit of work's commit group if it has one, else alone; record on
+    the unit of work whether the answer was a replay."""
     group = uow.group
-    return group.submit(change) if group is not None else run_alone(uow, change)
+    result, uow.replayed = group.submit(change) if group is not None else run_alone(uow, change)
+    return result
 
 
-def run_alone(uow: UnitOfWork, change: Change[R]) -> R:
+def run_alone(uow: UnitOfWork, change: Change[R]) -> tuple[R, bool]:
     """Run `change` on its locked account once per idempotency key (rule 5).
 
     The key's unique constraint decides: the first transaction to commit it wins. A duplicate
     (sequential, or concurrent and waiting on the account lock or the key) fails to store its
     key, rolls back, and answers the winner's stored result. A refusal looks the key up too,
     so replaying a request that once succeeded never answers a newer refusal. Not reading the
-    key first spares every first-time request a query.
+    key first spares every first-time request a query. Answers the result and whether it
+    was a replay.
     """
     with uow:
         now = uow.clock()
@@ -110,7 +113,7 @@ def run_alone(uow: UnitOfWork, change: Change[R]) -> R:
             stored = uow.idempotency.get(change.scope, change.key)
             if stored is None:
                 raise
-            return change.replay(stored.request_hash, stored.response)
+            return change.replay(stored.request_hash, stored.response), True
         response = change.adapter.dump_python(result, mode="json")
         try:
             with uow.batch():
@@ -127,11 +130,11 @@ def run_alone(uow: UnitOfWork, change: Change[R]) -> R:
         except IdempotencyRace:
             pass
         else:
-            return result
+            return result, False
     with uow.read_only():
         stored = uow.idempotency.get(change.scope, change.key)
     assert stored is not None, "a key that lost a race has a stored winner"
-    return change.replay(stored.request_hash, stored.response)
+    return change.replay(stored.request_hash, stored.response), True
 
 
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}

@@ -82,7 +82,8 @@ class GroupCommit:
         self.changes = 0
         self.fallbacks = 0
 
-    def submit(self, change: Change[R]) -> R:
+    def submit(self, change: Change[R]) -> tuple[R, bool]:
+        """The change's result, and whether it was a replay of a stored one."""
         pending = _Pending(change)
         with self._lock:
             self._queue.append(pending)
@@ -95,8 +96,8 @@ class GroupCommit:
         if pending.state == _FAILED:
             raise pending.result
         assert pending.state == _DONE
-        result: R = pending.result
-        return result
+        outcome: tuple[R, bool] = pending.result
+        return outcome
 
     def _promote(self) -> None:
         """Make the oldest waiting change a leader if a lead is free. Called under the lock;
@@ -127,11 +128,11 @@ class GroupCommit:
             # that changes arriving meanwhile queue up for the next batch.
             (pending,) = batch
             try:
-                result = run_alone(self._uow_factory(), pending.change)
+                answer = run_alone(self._uow_factory(), pending.change)
             except Exception as error:  # noqa: BLE001 - handed to the caller as is
                 pending.decide(_FAILED, error)
             else:
-                pending.decide(_DONE, result)
+                pending.decide(_DONE, answer)
             return
         outcome = _Batch()
         try:
@@ -143,7 +144,7 @@ class GroupCommit:
             self.fallbacks += 1
             outcome = _Batch(alone=list(batch))
         for pending, response in outcome.done:
-            pending.decide(_DONE, pending.change.adapter.validate_python(response))
+            pending.decide(_DONE, (pending.change.adapter.validate_python(response), False))
         for pending in outcome.alone:
             pending.decide(_ALONE)
         assert all(p.state in (_DONE, _ALONE) for p in batch)

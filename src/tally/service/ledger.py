@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from tally.domain import values
 from tally.domain.errors import (
@@ -38,10 +38,12 @@ from tally.service.ports import AuditReport, UnitOfWork
 DEFAULT_VALIDITY: Final = {"purchase": "P2Y", "gift": "P2Y"}
 SWEEP_BATCH_SIZE: Final = 100
 SWEEP_MAX_BATCHES: Final = 10_000
-ENTRIES_PAGE_MAX: Final = 500
+#: SPEC §3: lists answer at most 500 items a page.
+PAGE_MAX: Final = 500
 METADATA_MAX_BYTES: Final = 4_096
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,12 +64,16 @@ class PlaceHold(Command):
     amount: int
     ttl_seconds: int = DEFAULT_HOLD_TTL_SECONDS
     metadata: dict[str, Any] | None = None
+    # Set when the amount was priced from the catalog: `amount` pays for `quantity` units.
+    tool: str | None = None
+    quantity: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class CaptureHold(Command):
     hold_id: str
     amount: int | None = None
+    quantity: int | None = None  # units of the hold's tool, at the hold's price
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +87,8 @@ class DebitCredits(Command):
     account_id: str
     amount: int
     metadata: dict[str, Any] | None = None
+    tool: str | None = None
+    quantity: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +154,11 @@ def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
     amount = values.credits(cmd.amount)
     _check_metadata(cmd.metadata)
 
+    if (cmd.tool is None) != (cmd.quantity is None):
+        raise InvalidInput("give tool and quantity together")
+    if cmd.quantity is not None and amount % values.credits(cmd.quantity, field="quantity"):
+        raise InvalidInput("amount must be a whole multiple of quantity")
+
     def action(account: Account, now: datetime) -> Hold:
         return account.place_hold(
             amount=amount,
@@ -153,17 +166,25 @@ def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
             now=now,
             origin=cmd.origin(),
             metadata=cmd.metadata,
+            tool=cmd.tool,
+            quantity=cmd.quantity,
         )
 
     return run(uow, Change(cmd, cmd.account_id, action, Hold))
 
 
 def capture(cmd: CaptureHold, uow: UnitOfWork) -> Hold:
+    if cmd.amount is not None and cmd.quantity is not None:
+        raise InvalidInput("give amount or quantity, not both")
     amount = None if cmd.amount is None else values.credits(cmd.amount)
+    units = None if cmd.quantity is None else values.credits(cmd.quantity, field="quantity")
     _check_id(cmd.hold_id, "hold", HoldNotFound)
 
     def action(account: Account, now: datetime) -> Hold:
-        return account.capture(cmd.hold_id, amount, now, cmd.origin())
+        wanted = amount
+        if units is not None:
+            wanted = account.hold(cmd.hold_id).credits_for(units)
+        return account.capture(cmd.hold_id, wanted, now, cmd.origin())
 
     return run(uow, Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id]))
 
@@ -258,16 +279,63 @@ def get_balance(account_id: str, uow: UnitOfWork, at: datetime | None = None) ->
     return account_at(account_id, history.lots, history.holds, history.entries, at).balance(at)
 
 
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list (SPEC §3): at most `limit` items and whether more follow."""
+
+    items: list[T]
+    has_more: bool
+
+
 def list_entries(
-    account_id: str, uow: UnitOfWork, *, limit: int = 100, before_seq: int | None = None
-) -> list[Entry]:
+    account_id: str,
+    uow: UnitOfWork,
+    *,
+    limit: int = 100,
+    before_seq: int | None = None,
+    starting_after: str | None = None,
+) -> Page[Entry]:
+    """The journal, newest first; a page starts after the entry `starting_after`."""
     values.account_id(account_id)
-    if not 1 <= limit <= ENTRIES_PAGE_MAX:
-        raise InvalidInput(f"limit must be between 1 and {ENTRIES_PAGE_MAX}")
+    _check_limit(limit)
     with uow.read_only():
         if uow.accounts.get(account_id) is None:
             raise AccountNotFound(account_id=account_id)
-        return uow.journal.entries(account_id, limit=limit, before_seq=before_seq)
+        if starting_after is not None:
+            before_seq = uow.journal.seq_of(account_id, starting_after)
+            if before_seq is None:
+                raise InvalidInput("starting_after names no entry of this account")
+        found = uow.journal.entries(account_id, limit=limit + 1, before_seq=before_seq)
+    return Page(found[:limit], len(found) > limit)
+
+
+def list_lots(
+    account_id: str, uow: UnitOfWork, *, limit: int = 100, starting_after: str | None = None
+) -> tuple[Page[Lot], datetime]:
+    """The account's lots, soonest spent first, and the instant they were read at."""
+    values.account_id(account_id)
+    _check_limit(limit)
+    with uow.read_only():
+        if uow.accounts.get(account_id) is None:
+            raise AccountNotFound(account_id=account_id)
+        found = uow.accounts.lots(account_id, limit=limit + 1, starting_after=starting_after)
+        return Page(found[:limit], len(found) > limit), uow.clock()
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= PAGE_MAX:
+        raise InvalidInput(f"limit must be between 1 and {PAGE_MAX}")
+
+
+def credit_totals(uow: UnitOfWork) -> dict[str, int]:
+    with uow.read_only():
+        return uow.journal.totals()
+
+
+def ping(uow: UnitOfWork) -> None:
+    """Raises DatabaseUnavailable unless the database answers a read."""
+    with uow.read_only(snapshot=False):
+        uow.accounts.get("healthz")  # one indexed read; the answer does not matter
 
 
 def check(uow: UnitOfWork) -> AuditReport:

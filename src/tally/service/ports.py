@@ -94,12 +94,20 @@ class Accounts(Protocol):
 
     def account_of_hold(self, hold_id: str) -> str | None: ...
 
+    def lots(self, account_id: str, *, limit: int, starting_after: str | None) -> list[Lot]:
+        """Every lot of the account, soonest spent first (rule 3), a page at a time."""
+
     def due(self, now: datetime, limit: int) -> list[str]:
         """Accounts with a lapsed hold or an expired lot not yet written down."""
 
 
 class Journal(Protocol):
     def entries(self, account_id: str, *, limit: int, before_seq: int | None) -> list[Entry]: ...
+
+    def seq_of(self, account_id: str, entry_id: str) -> int | None: ...
+
+    def totals(self) -> dict[str, int]:
+        """Credits per entry type over the whole journal."""
 
     def history(self, account_id: str, until: datetime) -> History: ...
 
@@ -123,6 +131,40 @@ class IdempotencyStore(Protocol):
         """Store several results in one statement; a race on any raises `IdempotencyRace`."""
 
 
+@dataclass(frozen=True)
+class PlatformRecord:
+    platform_id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class KeyRecordOfPlatform:
+    """An API key as stored: its visible prefix and digest, never the plaintext."""
+
+    prefix: str
+    platform_id: str
+    platform_name: str
+    digest: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class Platforms(Protocol):
+    def add(self, platform: PlatformRecord) -> None: ...
+
+    def by_name(self, name: str) -> PlatformRecord | None: ...
+
+    def add_key(self, key: KeyRecordOfPlatform) -> None: ...
+
+    def key(self, prefix: str) -> KeyRecordOfPlatform | None: ...
+
+    def keys(self, *, limit: int) -> list[KeyRecordOfPlatform]: ...
+
+    def revoke_key(self, prefix: str, now: datetime) -> None: ...
+
+
 class Audit(Protocol):
     def run(self, now: datetime) -> AuditReport: ...
 
@@ -140,6 +182,12 @@ class UnitOfWork(Protocol):
 
     @property
     def audit(self) -> Audit: ...
+
+    @property
+    def platforms(self) -> Platforms: ...
+
+    #: Whether the last change run through this unit of work answered a stored result.
+    replayed: bool
 
     @property
     def clock(self) -> Clock: ...
@@ -162,5 +210,6 @@ class UnitOfWork(Protocol):
     def batch(self) -> AbstractContextManager[None]:
         """Writes inside may be sent together; their errors surface when the block ends."""
 
-    def read_only(self) -> AbstractContextManager[Self]:
-        """A transaction that only reads (no write lock on SQLite)."""
+    def read_only(self, *, snapshot: bool = True) -> AbstractContextManager[Self]:
+        """A transaction that only reads (no write lock on SQLite); with `snapshot`, all its
+        reads see one instant (REPEATABLE READ on PostgreSQL), else each read is current."""

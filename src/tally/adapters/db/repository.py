@@ -8,7 +8,7 @@ change costs the same on an account with ten entries as on one with a million.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -18,9 +18,12 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    func,
     insert,
+    literal,
     select,
     true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -30,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tally.adapters.db.fast import FastStatement, Json, decode_json, decode_time, json_or_null
 from tally.adapters.db.schema import (
+    UTCDateTime,
     accounts,
     entries,
     hold_allocations,
@@ -37,6 +41,7 @@ from tally.adapters.db.schema import (
     idempotency_keys,
     lots,
 )
+from tally.domain.errors import LotNotFound
 from tally.domain.model import (
     Account,
     Allocation,
@@ -96,6 +101,8 @@ _HOLD_COLUMNS = (
     holds.c.expires_at,
     holds.c.created_at,
     holds.c.metadata,
+    holds.c.tool,
+    holds.c.quantity,
     hold_allocations.c.lot_id,
     hold_allocations.c.amount.label("allocated"),
 )
@@ -117,6 +124,8 @@ def _holds(rows: Sequence[Any]) -> list[Hold]:
                 allocations=[],
                 captured=row.captured,
                 metadata=decode_json(row.metadata),
+                tool=row.tool,
+                quantity=row.quantity,
             )
         hold.allocations.append(Allocation(row.lot_id, row.allocated))
     return list(found.values())
@@ -225,6 +234,15 @@ _IDEMPOTENCY_GET = FastStatement(
 _IDEMPOTENCY_ADD = FastStatement(insert(idempotency_keys))
 
 
+#: Rule 3 as a sort key: soonest expiry first (never last), then priority, then oldest.
+_NEVER = datetime(9999, 12, 31, tzinfo=UTC)
+_SPENDING_ORDER = (
+    func.coalesce(lots.c.expires_at, literal(_NEVER, UTCDateTime)).label("expiry"),
+    lots.c.priority,
+    lots.c.created_at,
+    lots.c.lot_id,
+)
+
 #: Per loaded lot: (open, voided_at) as read, to tell a remaining-only update from a full one.
 LoadedLots = dict[str, tuple[bool, datetime | None]]
 
@@ -285,6 +303,8 @@ def _rows_of(
             "expires_at": hold.expires_at,
             "created_at": hold.created_at,
             "metadata": json_or_null(hold.metadata),
+            "tool": hold.tool,
+            "quantity": hold.quantity,
         }
         for hold in account.new_holds
     ]
@@ -498,6 +518,21 @@ class SqlAccounts:
         found = _ACCOUNT_OF_HOLD.rows(self.connection, {"hold_id": hold_id})
         return found[0].account_id if found else None
 
+    def lots(self, account_id: str, *, limit: int, starting_after: str | None) -> list[Lot]:
+        query = select(lots).where(lots.c.account_id == account_id)
+        if starting_after is not None:
+            after = self.connection.execute(
+                select(*_SPENDING_ORDER).where(
+                    lots.c.account_id == account_id, lots.c.lot_id == starting_after
+                )
+            ).first()
+            if after is None:
+                raise LotNotFound("starting_after names no lot of this account")
+            cursor = [literal(v, c.type) for v, c in zip(after, _SPENDING_ORDER, strict=True)]
+            query = query.where(tuple_(*_SPENDING_ORDER) > tuple_(*cursor))
+        rows = self.connection.execute(query.order_by(*_SPENDING_ORDER).limit(limit))
+        return [_lot(row) for row in rows]
+
     def due(self, now: datetime, limit: int) -> list[str]:
         due_lots = select(lots.c.account_id).where(
             lots.c.is_open == true(), lots.c.expires_at <= now
@@ -521,6 +556,20 @@ class SqlJournal:
             query = query.where(entries.c.seq < before_seq)
         rows = self.connection.execute(query.order_by(entries.c.seq.desc()).limit(limit))
         return [_entry(row) for row in rows]
+
+    def totals(self) -> dict[str, int]:
+        rows = self.connection.execute(
+            select(entries.c.type, func.sum(entries.c.amount)).group_by(entries.c.type)
+        )
+        return {row[0]: int(row[1] or 0) for row in rows}
+
+    def seq_of(self, account_id: str, entry_id: str) -> int | None:
+        found: int | None = self.connection.execute(
+            select(entries.c.seq).where(
+                entries.c.account_id == account_id, entries.c.entry_id == entry_id
+            )
+        ).scalar()
+        return found
 
     def history(self, account_id: str, until: datetime) -> History:
         lot_rows = self.connection.execute(

@@ -142,8 +142,11 @@ holds = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("metadata", Json),
+    Column("tool", String(64)),
+    Column("quantity", BigInteger),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("captured BETWEEN 0 AND amount", name="captured_within_amount"),
+    CheckConstraint("quantity IS NULL OR quantity > 0", name="quantity_positive"),
     CheckConstraint(_in("status", [s.value for s in HoldStatus]), name="status_known"),
     CheckConstraint(
         "(status = 'captured' AND captured > 0) OR (status <> 'captured' AND captured = 0)",
@@ -224,6 +227,29 @@ idempotency_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("scope", "key"),
     sqlite_with_rowid=False,
+)
+
+# --- platforms and their API keys -------------------------------------------------------------
+
+platforms = Table(
+    "platforms",
+    metadata,
+    Column("platform_id", ID, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("prefix", String(32), primary_key=True),
+    Column("platform_id", ID, ForeignKey("platforms.platform_id"), nullable=False, index=True),
+    # SHA-256 of the whole key; the plaintext is never stored.
+    Column("digest", String(64), nullable=False),
+    Column("scopes", String(100), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),
+    CheckConstraint("length(digest) = 64", name="digest_is_sha256"),
 )
 
 

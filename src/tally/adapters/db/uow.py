@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from tally.adapters.db.audit import SqlAudit
 from tally.adapters.db.engine import READ_ONLY, Database
+from tally.adapters.db.platforms import SqlPlatforms
 from tally.adapters.db.repository import SqlAccounts, SqlIdempotencyStore, SqlJournal
 from tally.domain.errors import DatabaseUnavailable
 from tally.service.group_commit import GroupCommit
@@ -27,12 +28,16 @@ class SqlUnitOfWork:
     journal: SqlJournal
     idempotency: SqlIdempotencyStore
     audit: SqlAudit
+    platforms: SqlPlatforms
+    replayed: bool
 
     def __init__(self, database: Database, clock: Clock, group: GroupCommit | None = None) -> None:
         self.database = database
         self.clock = clock
         self.group = group
         self._read_only = False
+        self._snapshot = True
+        self.replayed = False
         self._connection: Connection | None = None
         self._transaction: RootTransaction | None = None
         self._locked = False
@@ -48,7 +53,7 @@ class SqlUnitOfWork:
             if self._read_only:
                 # A snapshot: the several reads of a balance or an audit see one instant.
                 options: dict[str, object] = {READ_ONLY: True}
-                if self.database.dialect == "postgresql":
+                if self.database.dialect == "postgresql" and self._snapshot:
                     options["isolation_level"] = "REPEATABLE READ"
                 connection = connection.execution_options(**options)
             self._connection = connection
@@ -60,6 +65,7 @@ class SqlUnitOfWork:
         self.journal = SqlJournal(connection)
         self.idempotency = SqlIdempotencyStore(connection)
         self.audit = SqlAudit(connection)
+        self.platforms = SqlPlatforms(connection)
         return self
 
     def __exit__(
@@ -120,13 +126,13 @@ class SqlUnitOfWork:
                 raise IdempotencyRace(str(cause.diag.message_detail)) from error
 
     @contextmanager
-    def read_only(self) -> Iterator[Self]:
-        self._read_only = True
+    def read_only(self, *, snapshot: bool = True) -> Iterator[Self]:
+        self._read_only, self._snapshot = True, snapshot
         try:
             with self as uow:
                 yield uow
         finally:
-            self._read_only = False
+            self._read_only, self._snapshot = False, True
 
     def _close(self) -> None:
         if self._connection is not None:

@@ -1,0 +1,125 @@
+"""The HTTP application (SPEC.md §3): the v1 routes, operations endpoints, and the error
+mapping that makes every failure RFC 9457 problem+json with Tally's `code`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from tally import logs
+from tally.bootstrap import Tally, bootstrap
+from tally.domain.errors import (
+    InternalError,
+    InvalidAmount,
+    InvalidInput,
+    InvalidJson,
+    MethodNotAllowed,
+    NotFound,
+    TallyError,
+)
+from tally.entrypoints.http import schemas, v1
+from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, problem_body
+from tally.entrypoints.http.metrics import CONTENT_TYPE, Metrics
+from tally.entrypoints.worker import Worker
+from tally.service import ledger
+
+#: At most this many validation errors are listed in one problem.
+MAX_LISTED_ERRORS: Final = 20
+_CREDIT_FIELDS: Final = frozenset({"amount", "quantity"})
+
+
+def _problem(error: TallyError, request: Request) -> Response:
+    return Response(
+        problem_body(error, request.scope.get("state", {}).get("request_id")),
+        error.status,
+        media_type=PROBLEM_JSON.decode(),
+        headers={"WWW-Authenticate": "Bearer"} if error.status == 401 else None,
+    )
+
+
+def _validation_error(error: RequestValidationError, request: Request) -> TallyError:
+    found = error.errors()
+    listed = [
+        {"loc": [str(part) for part in e.get("loc", ())], "msg": e.get("msg"), "type": e["type"]}
+        for e in found[:MAX_LISTED_ERRORS]
+    ]
+    if any(e["type"] == "json_invalid" for e in found):
+        return InvalidJson("the body is not valid JSON", errors=listed)
+    content_type = request.headers.get("content-type", "")
+    if any(e["loc"] == ["body"] for e in listed) and "json" not in content_type:
+        return InvalidJson("send the body as JSON, with Content-Type: application/json")
+    if listed and all(e["loc"] and e["loc"][-1] in _CREDIT_FIELDS for e in listed):
+        return InvalidAmount(
+            "credits and quantities are whole numbers from 1 to 2^53", errors=listed
+        )
+    return InvalidInput("the request does not match the API", errors=listed)
+
+
+def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> FastAPI:
+    """The API over one Tally. `worker`: run the scheduled jobs in this process; `owns`:
+    close the Tally when the app stops."""
+    metrics = Metrics(lambda: ledger.credit_totals(tally.uow()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        jobs = Worker(tally) if worker else None
+        if jobs is not None:
+            jobs.start()
+        try:
+            yield
+        finally:
+            if jobs is not None:
+                jobs.stop()
+            if owns:
+                tally.close()
+
+    app = FastAPI(
+        title="Tally",
+        version="1",
+        summary="Credits for an ecosystem of AI tool sites",
+        lifespan=lifespan,
+        responses={500: {"model": schemas.Problem, "description": "A bug, logged by request id"}},
+    )
+    app.state.tally = tally
+    app.add_middleware(Edge, metrics=metrics)
+    app.include_router(v1.router)
+
+    @app.exception_handler(TallyError)
+    async def refused(request: Request, error: TallyError) -> Response:
+        return _problem(error, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> Response:
+        return _problem(_validation_error(error, request), request)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        known: dict[int, TallyError] = {
+            400: InvalidJson(str(error.detail)),
+            404: NotFound("no such endpoint"),
+            405: MethodNotAllowed(f"{request.method} is not allowed here"),
+        }
+        return _problem(known.get(error.status_code, InternalError()), request)
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["operations"])
+    def healthz() -> Response:
+        ledger.ping(tally.uow())
+        return v1.json_response({"status": "ok", "database": "ok"})
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app `tally serve` runs (and `uvicorn --factory` with several worker processes)."""
+    logs.configure()
+    tally = bootstrap()
+    return create_app(tally, worker=tally.settings.worker == "inline", owns=True)

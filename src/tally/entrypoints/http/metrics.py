@@ -1,0 +1,71 @@
+"""Prometheus metrics: request counts and latencies per route (this process), and credits
+granted, spent and expired (the whole ledger, read from the journal, so every worker process
+answers the same)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+#: How long a read of the journal's totals is reused: bounds the cost of frequent scrapes.
+CREDITS_CACHE_SECONDS: Final = 15.0
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+#: Journal entry types summed into each credits metric.
+CREDIT_FLOWS: Final = {
+    "granted": ("grant",),
+    "spent": ("capture", "debit"),
+    "expired": ("expire",),
+}
+
+
+class _Credits(Collector):
+    def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
+        self._totals = totals
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, int]] | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            if self._cached is None or time.monotonic() - self._cached[0] > CREDITS_CACHE_SECONDS:
+                self._cached = (time.monotonic(), self._totals())
+            totals = self._cached[1]
+        for flow, types in CREDIT_FLOWS.items():
+            family = CounterMetricFamily(
+                f"tally_credits_{flow}", f"Credits {flow}, from the journal", labels=()
+            )
+            family.add_metric((), sum(totals.get(t, 0) for t in types))
+            yield family
+
+
+class Metrics:
+    def __init__(self, credit_totals: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tally_http_requests",
+            "HTTP requests answered",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tally_http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            ("method", "route"),
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_Credits(credit_totals))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

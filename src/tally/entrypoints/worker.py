@@ -1,0 +1,59 @@
+"""The worker: jobs that run on a schedule. Today the expiry sweep; `tally serve` runs it in a
+thread by default (TALLY_WORKER=inline), `tally worker` runs it as its own process."""
+
+from __future__ import annotations
+
+import threading
+from typing import Final
+
+import structlog
+
+from tally.bootstrap import Tally
+from tally.domain.errors import TallyError
+from tally.service import ledger
+
+log = structlog.get_logger("tally.worker")
+
+#: How often the sweep writes down expired lots and lapsed holds. Balances never wait for it
+#: (rule 2); it only records the entries.
+SWEEP_EVERY_SECONDS: Final = 60.0
+
+
+class Worker:
+    def __init__(self, tally: Tally, *, every: float = SWEEP_EVERY_SECONDS) -> None:
+        assert every > 0
+        self.tally = tally
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> ledger.SweepResult:
+        result = ledger.sweep(self.tally.uow())
+        if result.accounts:
+            log.info(
+                "sweep",
+                accounts=result.accounts,
+                holds_expired=result.holds_expired,
+                lots_expired=result.lots_expired,
+            )
+        return result
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except TallyError as error:  # a database outage: try again next round
+                log.warning("sweep_failed", code=error.code, detail=error.detail)
+            except Exception:  # a bug must not stop every later sweep
+                log.exception("sweep_crashed")
+            self._stop.wait(self.every)
+
+    def start(self) -> None:
+        assert self._thread is None, "a worker starts once"
+        self._thread = threading.Thread(target=self.run_forever, name="tally-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
