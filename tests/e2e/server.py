@@ -58,7 +58,7 @@ class Server:
     def start(self) -> None:
         assert self.process is None
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own command
+            self.process = subprocess.Popen(
                 [TALLY, "serve", "--port", str(self.port), "--workers", str(self.workers)],
                 env=self.env,
                 stdout=log,
