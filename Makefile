@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TALLY_DATABASE_URL ?= sqlite:///./var/tally.db
 
-.PHONY: run test lint unit integration bench clean
+.PHONY: run tour test lint unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on a fresh machine: a SQLite ledger under ./var and a tour of it.
+# The main job on a fresh machine: the API on http://127.0.0.1:8000 over a SQLite ledger in ./var.
 run: $(STAMP)
+	bash scripts/run.sh
+
+# The ledger from the command line: a scripted tour of grants, holds, captures and the audit.
+tour: $(STAMP)
 	$(BIN)/tally migrate
 	bash scripts/tour.sh
 
@@ -32,6 +36,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/http.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
