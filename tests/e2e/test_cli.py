@@ -6,15 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
 from tally.adapters.db.engine import normalise_url
 from tests.conftest import DATABASES
+from tests.e2e.server import free_port
 from tests.support import postgres_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +64,7 @@ def ana(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_operator_session(cli: Cli) -> None:
-    assert "revision 0001" in cli.run("migrate").stdout
+    assert "revision 0002" in cli.run("migrate").stdout
     lot = cli.json("grant", "ana", "25", "--source", "purchase", "--reason", "Pro package")
     assert lot["amount"] == 25
     assert lot["source"] == "purchase"
@@ -152,3 +155,76 @@ def test_make_run_tour_works_on_a_fresh_sqlite_database(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert '"available": 26' in done.stdout
     assert "ok: conservation holds" in done.stdout
+
+
+def test_platforms_and_keys_from_the_command_line(cli: Cli) -> None:
+    cli.run("migrate")
+    made = cli.run("platforms", "create", "portraits", "--scopes", "read,spend").stdout
+    key = made.strip().splitlines()[-1]
+    prefix = key.rsplit("_", 1)[0]
+    assert key.startswith("tly_")
+    assert "read,spend" in made
+    again = cli.run("platforms", "create", "portraits", ok=False)
+    assert again.returncode == 1
+    assert json.loads(again.stderr)["code"] == "platform_exists"
+    second = cli.run("keys", "create", "portraits", "--scopes", "grant").stdout
+    assert second.strip().splitlines()[-1] != key
+    missing = cli.run("keys", "create", "nobody", ok=False)
+    assert json.loads(missing.stderr)["code"] == "platform_not_found"
+    bad_scope = cli.run("keys", "create", "portraits", "--scopes", "write", ok=False)
+    assert json.loads(bad_scope.stderr)["code"] == "invalid_input"
+
+    listed = cli.run("keys", "list").stdout
+    assert prefix in listed
+    assert key not in listed  # the secret is shown once, at creation
+    assert listed.count("active") == 2
+    assert cli.run("keys", "revoke", prefix).stdout.startswith(f"revoked {prefix}")
+    assert f"{prefix}  portraits  read,spend" in cli.run("keys", "list").stdout
+    assert cli.run("keys", "list").stdout.count("revoked") == 1
+    unknown = cli.run("keys", "revoke", "tly_0000000000", ok=False)
+    assert json.loads(unknown.stderr)["code"] == "api_key_not_found"
+
+
+def test_make_run_serves_the_api_with_a_demo_key(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "TALLY_DATABASE_URL": f"sqlite:///{tmp_path}/run.db",
+        "TALLY_PORT": str(port),
+    }
+    work = tmp_path / "work"
+    (work / "scripts").mkdir(parents=True)
+    (work / "scripts" / "run.sh").write_text((ROOT / "scripts" / "run.sh").read_text())
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    process = subprocess.Popen(
+        ["bash", "scripts/run.sh"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "make run never answered"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        key = (work / "var" / "demo.key").read_text().strip()
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "tour"}
+        lot = httpx.post(
+            f"{base}/v1/accounts/alice/grants",
+            json={"amount": 10, "reason": "welcome"},
+            headers=headers,
+        )
+        assert lot.status_code == 201, lot.text
+        balance = httpx.get(f"{base}/v1/accounts/alice/balance", headers=headers).json()
+        assert balance["available"] == 10
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=15)[0].decode()
+    assert f"http://127.0.0.1:{port}/docs" in output
+    assert key in output

@@ -80,9 +80,14 @@ def load(path: Path | None = None) -> Catalog:
     if path is None:
         path = DEFAULT_PATH if DEFAULT_PATH.exists() else None
     if path is None:
-        text = resources.files("tally").joinpath("default_catalog.toml").read_text("utf-8")
-        return parse(text, "the built-in catalog")
+        return builtin()
     return parse(path.read_text("utf-8"), str(path))
+
+
+def builtin() -> Catalog:
+    """The default catalog of SPEC.md §5, shipped inside the package."""
+    text = resources.files("tally").joinpath("default_catalog.toml").read_text("utf-8")
+    return parse(text, "the built-in catalog")
 
 
 def parse(text: str, where: str) -> Catalog:
