@@ -5,11 +5,18 @@ from pathlib import Path
 
 import pytest
 
+from tally import logs
 from tally.adapters.db.engine import Database
 from tally.adapters.db.uow import SqlUnitOfWork
 from tests.support import FakeClock, database
 
 DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The production log set-up (JSON lines), not structlog's development renderer, which
+    # pretty-prints tracebacks slowly.
+    logs.configure()
 
 
 @pytest.fixture
