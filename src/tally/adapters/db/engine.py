@@ -94,7 +94,10 @@ def _sqlite_engine(url: URL, pool_size: int) -> Engine:
     def _on_begin(connection: Any) -> None:
         # IMMEDIATE takes the write lock up front, so two writers never both read and then
         # fail to upgrade: SQLite's answer to SELECT ... FOR UPDATE.
-        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return  # single-statement reads: each statement is its own transaction
+        read_only = options.get(READ_ONLY, False)
         connection.connection.driver_connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine

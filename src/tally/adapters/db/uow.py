@@ -53,7 +53,11 @@ class SqlUnitOfWork:
             if self._read_only:
                 # A snapshot: the several reads of a balance or an audit see one instant.
                 options: dict[str, object] = {READ_ONLY: True}
-                if self.database.dialect == "postgresql" and self._snapshot:
+                if not self._snapshot:
+                    # One read needs no transaction: on PostgreSQL this saves the BEGIN and
+                    # ROLLBACK round trips (every API request reads its key this way).
+                    options["isolation_level"] = "AUTOCOMMIT"
+                elif self.database.dialect == "postgresql":
                     options["isolation_level"] = "REPEATABLE READ"
                 connection = connection.execution_options(**options)
             self._connection = connection
