@@ -1,0 +1,157 @@
+"""Email: templates rendered with Jinja2, sent over SMTP or dropped in the local dev mailbox.
+
+`SmtpSender` speaks to any SMTP server named by `TALLY_SMTP_URL` (`smtp://user:pass@host:587`
+upgrades with STARTTLS when the server offers it; `smtps://host:465` is TLS from the start).
+`MailboxSender` writes each message as an .eml file under ./var/mailbox, the page
+`/dev/mailbox` shows them. Both raise `MailTemporary` (retry later) or `MailRefused` (do not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import smtplib
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+from urllib.parse import unquote, urlsplit
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+TEMPLATES: Final = ("purchase_code", "gift_code", "replacement_code")
+SMTP_TIMEOUT_SECONDS: Final = 30
+MAILBOX_LIST_MAX: Final = 200
+_MESSAGE_ID: Final = re.compile(r"<[A-Za-z0-9._-]{1,100}@[A-Za-z0-9.-]{1,100}>")
+
+
+class MailTemporary(Exception):
+    """The message could not be sent now; the worker retries with backoff."""
+
+
+class MailRefused(Exception):
+    """The server refused the message for good (a 5xx answer); retrying will not help."""
+
+
+@dataclass(frozen=True)
+class Email:
+    message_id: str  # stable per outbox row: a resend is recognisably the same message
+    sender: str
+    to: str
+    subject: str
+    text: str
+    html: str
+
+    def mime(self, now: datetime) -> EmailMessage:
+        assert _MESSAGE_ID.fullmatch(self.message_id), self.message_id
+        message = EmailMessage()
+        message["Message-ID"] = self.message_id
+        message["Date"] = format_datetime(now.astimezone(UTC))
+        message["From"] = self.sender
+        message["To"] = self.to
+        message["Subject"] = self.subject
+        message.set_content(self.text)
+        message.add_alternative(self.html, subtype="html")
+        return message
+
+
+class Sender(Protocol):
+    def send(self, email: Email, now: datetime) -> None: ...
+
+
+class Templates:
+    """The three messages of SPEC.md §4, in text and HTML."""
+
+    def __init__(self) -> None:
+        self._env = Environment(
+            loader=PackageLoader("tally", "templates/email"),
+            autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
+            undefined=StrictUndefined,  # a missing value is a bug, not a blank in an email
+            keep_trailing_newline=True,
+        )
+
+    def render(self, kind: str, subject: str, context: dict[str, Any]) -> tuple[str, str]:
+        """(text, html) of one message."""
+        assert kind in TEMPLATES, kind
+        values = {**context, "subject": subject}
+        text = self._env.get_template(f"{kind}.txt.j2").render(values)
+        html = self._env.get_template(f"{kind}.html.j2").render(values)
+        return text, html
+
+
+class SmtpSender:
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError("TALLY_SMTP_URL is smtp://[user:pass@]host[:port] or smtps://...")
+        self.tls = parts.scheme == "smtps"
+        self.host = parts.hostname
+        self.port = parts.port or (465 if self.tls else 25)
+        self.user = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+
+    def send(self, email: Email, now: datetime) -> None:
+        context = ssl.create_default_context()
+        try:
+            if self.tls:
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host, self.port, timeout=SMTP_TIMEOUT_SECONDS, context=context
+                )
+            else:
+                smtp = smtplib.SMTP(self.host, self.port, timeout=SMTP_TIMEOUT_SECONDS)
+            with smtp:
+                smtp.ehlo()
+                if not self.tls and smtp.has_extn("starttls"):
+                    smtp.starttls(context=context)
+                    smtp.ehlo()
+                if self.user is not None:
+                    smtp.login(self.user, self.password or "")
+                smtp.send_message(email.mime(now))
+        except smtplib.SMTPResponseException as error:
+            if 500 <= error.smtp_code < 600:
+                raise MailRefused(f"{error.smtp_code} {error.smtp_error!r}") from error
+            raise MailTemporary(f"{error.smtp_code} {error.smtp_error!r}") from error
+        except (smtplib.SMTPException, OSError) as error:
+            raise MailTemporary(str(error)[:200]) from error
+
+
+class MailboxSender:
+    """The development mailbox: one .eml file per message, written atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def send(self, email: Email, now: datetime) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = _file_name(email.message_id)
+        partial = self.directory / f".{name}.tmp"
+        partial.write_bytes(email.mime(now).as_bytes(policy=policy.SMTP))
+        os.replace(partial, self.directory / name)  # a resend replaces, never duplicates
+
+    def messages(self) -> list[EmailMessage]:
+        """Newest first."""
+        if not self.directory.exists():
+            return []
+        files = sorted(self.directory.glob("*.eml"), key=lambda p: p.stat().st_mtime, reverse=True)
+        parser = BytesParser(policy=policy.default)
+        found = []
+        for path in files[:MAILBOX_LIST_MAX]:
+            with contextlib.suppress(OSError):
+                message = parser.parsebytes(path.read_bytes())
+                assert isinstance(message, EmailMessage)
+                found.append(message)
+        return found
+
+
+def _file_name(message_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", message_id.strip("<>")) + ".eml"
+
+
+def sender_from_env(smtp_url: str | None, mailbox: Path) -> Sender:
+    return SmtpSender(smtp_url) if smtp_url else MailboxSender(mailbox)
