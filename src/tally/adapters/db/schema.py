@@ -34,6 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeDecorator
 
+from tally.domain.commerce import CodeStatus, OrderStatus
 from tally.domain.model import MAX_PENDING_HOLDS, SOURCES, EntryType, HoldStatus
 
 
@@ -250,6 +251,111 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime),
     CheckConstraint("length(digest) = 64", name="digest_is_sha256"),
+)
+
+
+# --- commerce: orders, codes, the outbox --------------------------------------------------------
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", ID, primary_key=True),
+    Column("processor", String(16), nullable=False),
+    Column("sale_id", String(128), nullable=False),
+    Column("order_number", String(128), nullable=False),
+    Column("package_id", String(64), nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("credits", BigInteger, nullable=False),  # drawn once for a surprise pack
+    Column("price", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("validity", String(64), nullable=False),  # the package's, as sold
+    Column("expires_at", UTCDateTime),  # purchase date + validity; null: never
+    Column("email", String(320), nullable=False),
+    Column("gifter_email", String(320)),
+    Column("is_test", Boolean(create_constraint=False), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("purchased_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # Rule 5 for processors: one order per sale, however often the ping arrives.
+    UniqueConstraint("processor", "sale_id"),
+    CheckConstraint(_in("processor", ["gumroad", "stripe", "sandbox"]), name="processor_known"),
+    CheckConstraint(_in("status", [s.value for s in OrderStatus]), name="status_known"),
+    CheckConstraint("credits > 0 AND quantity > 0 AND price >= 0", name="amounts_positive"),
+    Index("ix_orders_email", "email"),
+    Index("ix_orders_order_number", "order_number"),
+)
+
+codes = Table(
+    "codes",
+    metadata,
+    Column("code_id", ID, primary_key=True),
+    Column("order_id", ID, ForeignKey("orders.order_id"), nullable=False, index=True),
+    # `v1:` + HMAC-SHA256 of the normalised code; the plaintext is never stored here.
+    Column("digest", String(80), nullable=False, unique=True),
+    Column("last4", String(4), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("redeemed_at", UTCDateTime),
+    Column("account_id", String(128), ForeignKey("accounts.account_id")),
+    Column("lot_id", ID, ForeignKey("lots.lot_id")),
+    Column("voided_at", UTCDateTime),
+    CheckConstraint(_in("status", [s.value for s in CodeStatus]), name="status_known"),
+    CheckConstraint(
+        "(status = 'redeemed') = (lot_id IS NOT NULL AND account_id IS NOT NULL "
+        "AND redeemed_at IS NOT NULL)",
+        name="redeemed_iff_lot",
+    ),
+    CheckConstraint("(status = 'void') = (voided_at IS NOT NULL)", name="void_iff_voided_at"),
+    Index("ix_codes_last4", "last4"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("message_id", ID, primary_key=True),
+    # Why the message exists ("code:<code_id>"): one message per cause, never two sends.
+    Column("cause", String(128), nullable=False, unique=True),
+    Column("template", String(32), nullable=False),
+    Column("to_email", String(320), nullable=False),
+    Column("subject", String(200), nullable=False),
+    # What the template needs; holds the plaintext code until the message is sent.
+    Column("context", Json, nullable=False),
+    Column("order_id", ID, ForeignKey("orders.order_id"), index=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sent_at", UTCDateTime),
+    Column("last_error", String(500)),
+    CheckConstraint(_in("status", ["pending", "sent", "failed"]), name="status_known"),
+    Index(
+        "ix_outbox_due",
+        "next_attempt_at",
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
+)
+
+unmatched_pings = Table(
+    "unmatched_pings",
+    metadata,
+    Column("ping_id", ID, primary_key=True),
+    Column("processor", String(16), nullable=False),
+    Column("sale_id", String(128)),
+    Column("reason", String(200), nullable=False),
+    Column("payload", Json, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+#: Failed redemption attempts, per subject (`account:<id>` or `address:<ip>`): the rate limit
+#: is a count over the last hour, shared by every process through the database.
+redemption_failures = Table(
+    "redemption_failures",
+    metadata,
+    Column("failure_id", ID, primary_key=True),
+    Column("subject", String(200), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_redemption_failures_subject_at", "subject", "at"),
 )
 
 

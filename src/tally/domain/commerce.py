@@ -1,0 +1,80 @@
+"""Orders and codes (SPEC.md rules 4, 10-12, §4). Pure rules: what a sale is worth, until when
+its credits last, and what a code may do next."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Final
+
+from tally.domain import values
+from tally.domain.catalog import Package
+from tally.domain.errors import InvalidInput
+
+PROCESSORS: Final = ("gumroad", "stripe", "sandbox")
+#: The most units one sale may buy: far above any real basket, small enough to stay exact.
+MAX_SALE_QUANTITY: Final = 1_000
+
+
+class CodeStatus(StrEnum):
+    ISSUED = "issued"
+    REDEEMED = "redeemed"
+    VOID = "void"
+
+
+class OrderStatus(StrEnum):
+    FULFILLED = "fulfilled"
+    REFUNDED = "refunded"
+    DISPUTED = "disputed"
+
+
+@dataclass(frozen=True)
+class Sale:
+    """A paid sale as a processor reports it, already matched to a package."""
+
+    processor: str
+    sale_id: str
+    package: Package
+    email: str  # who receives the code: the buyer, or the gift's recipient
+    purchased_at: datetime
+    quantity: int = 1
+    price: int = 0  # what was paid, in the currency's minor unit
+    currency: str = "USD"
+    order_number: str | None = None
+    gifter_email: str | None = None
+    is_test: bool = False
+
+    def __post_init__(self) -> None:
+        if self.processor not in PROCESSORS:
+            raise InvalidInput(f"processor is one of {', '.join(PROCESSORS)}")
+        if not self.sale_id or len(self.sale_id) > 128:
+            raise InvalidInput("a sale id is 1-128 characters")
+        if not 1 <= self.quantity <= MAX_SALE_QUANTITY:
+            raise InvalidInput(f"quantity is 1 to {MAX_SALE_QUANTITY}")
+        if "@" not in self.email or len(self.email) > 320:
+            raise InvalidInput("the sale has no email address to send the code to")
+        assert self.purchased_at.tzinfo is not None
+
+    @property
+    def is_gift(self) -> bool:
+        return self.gifter_email is not None
+
+
+def draw_credits(package: Package, quantity: int) -> int:
+    """The credits a sale buys. A surprise pack draws once per unit, with `secrets`; the
+    caller records the result, so a repeated ping never draws again."""
+    if package.surprise is not None:
+        low, high = package.surprise.min, package.surprise.max
+        total = sum(low + secrets.randbelow(high - low + 1) for _ in range(quantity))
+    else:
+        assert package.credits is not None
+        total = package.credits * quantity
+    return values.credits(total)
+
+
+def credits_expire_at(package: Package, purchased_at: datetime) -> datetime | None:
+    """Rule 4: a code's credits are valid from the purchase date for the package's validity,
+    whenever the code is redeemed."""
+    return values.Validity(package.validity).expires_at(purchased_at)
