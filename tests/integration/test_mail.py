@@ -14,14 +14,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 
-from tally.adapters.mail import (
-    Email,
-    MailboxSender,
-    MailRefused,
-    MailTemporary,
-    SmtpSender,
-    Templates,
-)
+from tally.adapters.mail import MailboxSender, SmtpSender, Templates
+from tally.service.ports import Email, MailRefused, MailTemporary
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 CONTEXT = {

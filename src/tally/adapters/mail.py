@@ -13,17 +13,18 @@ import os
 import re
 import smtplib
 import ssl
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from tally.service.ports import Email, Mailer, MailRefused, MailTemporary
 
 TEMPLATES: Final = ("purchase_code", "gift_code", "replacement_code")
 SMTP_TIMEOUT_SECONDS: Final = 30
@@ -31,38 +32,17 @@ MAILBOX_LIST_MAX: Final = 200
 _MESSAGE_ID: Final = re.compile(r"<[A-Za-z0-9._-]{1,100}@[A-Za-z0-9.-]{1,100}>")
 
 
-class MailTemporary(Exception):
-    """The message could not be sent now; the worker retries with backoff."""
-
-
-class MailRefused(Exception):
-    """The server refused the message for good (a 5xx answer); retrying will not help."""
-
-
-@dataclass(frozen=True)
-class Email:
-    message_id: str  # stable per outbox row: a resend is recognisably the same message
-    sender: str
-    to: str
-    subject: str
-    text: str
-    html: str
-
-    def mime(self, now: datetime) -> EmailMessage:
-        assert _MESSAGE_ID.fullmatch(self.message_id), self.message_id
-        message = EmailMessage()
-        message["Message-ID"] = self.message_id
-        message["Date"] = format_datetime(now.astimezone(UTC))
-        message["From"] = self.sender
-        message["To"] = self.to
-        message["Subject"] = self.subject
-        message.set_content(self.text)
-        message.add_alternative(self.html, subtype="html")
-        return message
-
-
-class Sender(Protocol):
-    def send(self, email: Email, now: datetime) -> None: ...
+def mime(email: Email, now: datetime) -> EmailMessage:
+    assert _MESSAGE_ID.fullmatch(email.message_id), email.message_id
+    message = EmailMessage()
+    message["Message-ID"] = email.message_id
+    message["Date"] = format_datetime(now.astimezone(UTC))
+    message["From"] = email.sender
+    message["To"] = email.to
+    message["Subject"] = email.subject
+    message.set_content(email.text)
+    message.add_alternative(email.html, subtype="html")
+    return message
 
 
 class Templates:
@@ -112,7 +92,7 @@ class SmtpSender:
                     smtp.ehlo()
                 if self.user is not None:
                     smtp.login(self.user, self.password or "")
-                smtp.send_message(email.mime(now))
+                smtp.send_message(mime(email, now))
         except smtplib.SMTPResponseException as error:
             if 500 <= error.smtp_code < 600:
                 raise MailRefused(f"{error.smtp_code} {error.smtp_error!r}") from error
@@ -131,7 +111,7 @@ class MailboxSender:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = _file_name(email.message_id)
         partial = self.directory / f".{name}.tmp"
-        partial.write_bytes(email.mime(now).as_bytes(policy=policy.SMTP))
+        partial.write_bytes(mime(email, now).as_bytes(policy=policy.SMTP))
         os.replace(partial, self.directory / name)  # a resend replaces, never duplicates
 
     def messages(self) -> list[EmailMessage]:
@@ -153,5 +133,5 @@ def _file_name(message_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", message_id.strip("<>")) + ".eml"
 
 
-def sender_from_env(smtp_url: str | None, mailbox: Path) -> Sender:
+def mailer(smtp_url: str | None, mailbox: Path) -> Mailer:
     return SmtpSender(smtp_url) if smtp_url else MailboxSender(mailbox)

@@ -78,3 +78,57 @@ def credits_expire_at(package: Package, purchased_at: datetime) -> datetime | No
     """Rule 4: a code's credits are valid from the purchase date for the package's validity,
     whenever the code is redeemed."""
     return values.Validity(package.validity).expires_at(purchased_at)
+
+
+@dataclass(frozen=True)
+class Order:
+    id: str
+    processor: str
+    sale_id: str
+    order_number: str
+    package_id: str
+    quantity: int
+    credits: int
+    price: int
+    currency: str
+    validity: str
+    expires_at: datetime | None
+    email: str
+    gifter_email: str | None
+    is_test: bool
+    status: OrderStatus
+    purchased_at: datetime
+    created_at: datetime
+
+    @property
+    def source(self) -> str:
+        """The lot source of this order's credits."""
+        return "gift" if self.gifter_email else "purchase"
+
+
+@dataclass(frozen=True)
+class Code:
+    id: str
+    order_id: str
+    last4: str
+    status: CodeStatus
+    created_at: datetime
+    redeemed_at: datetime | None = None
+    account_id: str | None = None
+    lot_id: str | None = None
+    voided_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One email in the outbox; `cause` makes it unique (rule 12)."""
+
+    id: str
+    cause: str
+    template: str
+    to_email: str
+    subject: str
+    context: dict[str, object]
+    order_id: str | None
+    attempts: int
+    created_at: datetime

@@ -23,15 +23,17 @@ class TallyError(Exception):
         super().__init__(self.detail)
 
     def problem(self) -> dict[str, Any]:
-        """The RFC 9457 body, with Tally's `code` and any rule-specific members."""
-        return {
+        """The RFC 9457 body, with Tally's `code` and any rule-specific members; an extra
+        named like a standard member never replaces it (`status` stays the HTTP status)."""
+        body: dict[str, Any] = {
             "type": "about:blank",
             "title": self.title,
             "status": self.status,
             "code": self.code,
             "detail": self.detail,
-            **self.extra,
         }
+        body.update((k, v) for k, v in self.extra.items() if k not in body)
+        return body
 
 
 # --- bad input (rule 1, identifiers, times, durations) -------------------------------------
@@ -252,6 +254,27 @@ class IdempotencyKeyInUse(Conflict):
 
     code = "idempotency_key_in_use"
     title = "Idempotency key in use"
+
+
+class CodeInvalidOrUsed(TallyError):
+    """Rule 11: a code that is wrong, voided or used gets this one answer, which tells a
+    guesser nothing. 422."""
+
+    code = "code_invalid_or_used"
+    status = 422
+    title = "Code invalid or already used"
+
+
+class RateLimited(TallyError):
+    """Too many failed attempts in the window (rule 11); `retry_after` seconds. 429."""
+
+    code = "rate_limited"
+    status = 429
+    title = "Too many attempts"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class MethodNotAllowed(TallyError):

@@ -60,8 +60,8 @@ class Change(Generic[R]):
         self.cmd = cmd
         self.key = values.idempotency_key(cmd.idempotency_key)
         self.scope = cmd.platform_id or LOCAL_SCOPE
-        self.request_hash = _fingerprint(cmd)
-        self.adapter: TypeAdapter[R] = _adapter(result_type)
+        self.request_hash = fingerprint(cmd)
+        self.adapter: TypeAdapter[R] = adapter(result_type)
         self.account = account
         self.action = action
         self.create = create
@@ -140,7 +140,7 @@ def run_alone(uow: UnitOfWork, change: Change[R]) -> tuple[R, bool]:
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
 
 
-def _adapter(kind: Any) -> TypeAdapter[Any]:
+def adapter(kind: Any) -> TypeAdapter[Any]:
     """TypeAdapters are costly to build and safe to share: one per type, built on first use."""
     adapter = _ADAPTERS.get(kind)
     if adapter is None:
@@ -148,8 +148,8 @@ def _adapter(kind: Any) -> TypeAdapter[Any]:
     return adapter
 
 
-def _fingerprint(cmd: Command) -> str:
+def fingerprint(cmd: Command) -> str:
     kind = type(cmd)
-    body = _adapter(kind).dump_python(cmd, mode="json", exclude={"idempotency_key"})
+    body = adapter(kind).dump_python(cmd, mode="json", exclude={"idempotency_key"})
     canonical = json.dumps([kind.__name__, body], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -9,6 +9,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
+from tally.domain.commerce import Code, Message, Order
 from tally.domain.model import Account, Entry, Hold, Lot
 
 if TYPE_CHECKING:
@@ -165,6 +166,74 @@ class Platforms(Protocol):
     def revoke_key(self, prefix: str, now: datetime) -> None: ...
 
 
+class MailTemporary(Exception):
+    """The message could not be sent now; the worker retries with backoff."""
+
+
+class MailRefused(Exception):
+    """The mail server refused the message for good (a 5xx answer); retrying will not help."""
+
+
+@dataclass(frozen=True)
+class Email:
+    message_id: str  # stable per outbox row: a resend is recognisably the same message
+    sender: str
+    to: str
+    subject: str
+    text: str
+    html: str
+
+
+class Mailer(Protocol):
+    def send(self, email: Email, now: datetime) -> None:
+        """Deliver or raise MailTemporary / MailRefused."""
+
+
+class Renderer(Protocol):
+    def render(self, kind: str, subject: str, context: dict[str, Any]) -> tuple[str, str]:
+        """(text, html) of one message."""
+
+
+class DuplicateSale(Exception):
+    """The processor's sale has an order already (the unique key decided)."""
+
+
+class Commerce(Protocol):
+    def add_order(self, order: Order) -> None: ...
+
+    def order_by_sale(self, processor: str, sale_id: str) -> Order | None: ...
+
+    def order(self, order_id: str) -> Order | None: ...
+
+    def add_code(self, code: Code, digest: str) -> None: ...
+
+    def code_for_update(self, digest: str) -> Code | None: ...
+
+    def codes_of_order(self, order_id: str) -> list[Code]: ...
+
+    def mark_redeemed(self, code_id: str, account_id: str, lot_id: str, now: datetime) -> None: ...
+
+    def add_message(self, message: Message, now: datetime) -> None: ...
+
+    def next_due_message(self, now: datetime) -> Message | None: ...
+
+    def message_sent(self, message_id: str, context: dict[str, object], now: datetime) -> None: ...
+
+    def message_failed(
+        self, message_id: str, *, attempts: int, retry_at: datetime | None, error: str
+    ) -> None: ...
+
+    def messages_of_order(self, order_id: str) -> list[dict[str, Any]]: ...
+
+    def add_unmatched(
+        self, processor: str, sale_id: str | None, reason: str, payload: Any, now: datetime
+    ) -> None: ...
+
+    def add_failure(self, subject: str, now: datetime) -> None: ...
+
+    def failures_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]: ...
+
+
 class Audit(Protocol):
     def run(self, now: datetime) -> AuditReport: ...
 
@@ -185,6 +254,9 @@ class UnitOfWork(Protocol):
 
     @property
     def platforms(self) -> Platforms: ...
+
+    @property
+    def commerce(self) -> Commerce: ...
 
     #: Whether the last change run through this unit of work answered a stored result.
     replayed: bool

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, RootTransaction
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from tally.adapters.db.audit import SqlAudit
+from tally.adapters.db.commerce import SqlCommerce
 from tally.adapters.db.engine import READ_ONLY, Database
 from tally.adapters.db.platforms import SqlPlatforms
 from tally.adapters.db.repository import SqlAccounts, SqlIdempotencyStore, SqlJournal
@@ -29,6 +30,7 @@ class SqlUnitOfWork:
     idempotency: SqlIdempotencyStore
     audit: SqlAudit
     platforms: SqlPlatforms
+    commerce: SqlCommerce
     replayed: bool
 
     def __init__(self, database: Database, clock: Clock, group: GroupCommit | None = None) -> None:
@@ -70,6 +72,7 @@ class SqlUnitOfWork:
         self.idempotency = SqlIdempotencyStore(connection)
         self.audit = SqlAudit(connection)
         self.platforms = SqlPlatforms(connection)
+        self.commerce = SqlCommerce(connection)
         return self
 
     def __exit__(

@@ -1,0 +1,313 @@
+"""Commerce use cases: fulfil a sale (order, code and email in one transaction), redeem a code
+(atomically, rate limited), and deliver the outbox."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Final
+
+from tally.domain import codes, values
+from tally.domain.commerce import (
+    Code,
+    CodeStatus,
+    Message,
+    Order,
+    OrderStatus,
+    Sale,
+    credits_expire_at,
+    draw_credits,
+)
+from tally.domain.errors import CodeInvalidOrUsed, IdempotencyKeyReused, RateLimited
+from tally.domain.model import Lot, Origin
+from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
+from tally.service.ports import (
+    DuplicateSale,
+    Email,
+    Mailer,
+    MailRefused,
+    MailTemporary,
+    Renderer,
+    UnitOfWork,
+)
+
+#: Rule 11's default: 10 failed attempts per hour, per account and per client address.
+FAILURES_PER_WINDOW: Final = 10
+FAILURE_WINDOW: Final = timedelta(hours=1)
+#: Outbox retries: backoff doubles from 30 s up to an hour; after this many tries the message
+#: is marked failed for support to resend.
+MAIL_MAX_ATTEMPTS: Final = 12
+MAIL_FIRST_BACKOFF: Final = timedelta(seconds=30)
+MAIL_MAX_BACKOFF: Final = timedelta(hours=1)
+MAIL_BATCH_MAX: Final = 100
+
+_SUBJECTS: Final = {
+    "purchase_code": "Your {package} credits: {credits} credits",
+    "gift_code": "A gift for you: {credits} credits",
+    "replacement_code": "Your new code for {package}",
+}
+
+
+@dataclass(frozen=True)
+class Links:
+    """Where emails send people."""
+
+    redeem_url: str
+    lost_code_url: str
+    mail_from: str
+    mail_domain: str
+
+
+@dataclass(frozen=True)
+class Fulfilment:
+    order: Order
+    created: bool  # False: the sale had an order already and nothing changed
+
+
+def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfilment:
+    """One order per sale however often it is reported: the order, its code and the email
+    that delivers the code are written in one transaction (rules 5, 10, 12)."""
+    with uow:
+        existing = uow.commerce.order_by_sale(sale.processor, sale.sale_id)
+        if existing is not None:
+            return Fulfilment(existing, created=False)
+        now = uow.clock()
+        package = sale.package
+        order = Order(
+            id=values.new_id("ord", now),
+            processor=sale.processor,
+            sale_id=sale.sale_id,
+            order_number=sale.order_number or sale.sale_id,
+            package_id=package.id,
+            quantity=sale.quantity,
+            credits=draw_credits(package, sale.quantity),
+            price=sale.price,
+            currency=sale.currency,
+            validity=package.validity,
+            expires_at=credits_expire_at(package, sale.purchased_at),
+            email=sale.email,
+            gifter_email=sale.gifter_email,
+            is_test=sale.is_test,
+            status=OrderStatus.FULFILLED,
+            purchased_at=sale.purchased_at,
+            created_at=now,
+        )
+        try:
+            uow.commerce.add_order(order)
+        except DuplicateSale:
+            found = uow.commerce.order_by_sale(sale.processor, sale.sale_id)
+            assert found is not None, "the sale that won the race is committed"
+            return Fulfilment(found, created=False)
+        template = "gift_code" if sale.is_gift else "purchase_code"
+        _issue_code(order, template, package.name, uow, pepper=pepper, links=links, now=now)
+        uow.commit()
+    return Fulfilment(order, created=True)
+
+
+def _issue_code(
+    order: Order,
+    template: str,
+    package_name: str,
+    uow: UnitOfWork,
+    *,
+    pepper: bytes,
+    links: Links,
+    now: datetime,
+) -> Code:
+    plaintext = codes.new_code()
+    code = Code(
+        id=values.new_id("code", now),
+        order_id=order.id,
+        last4=codes.last4(plaintext),
+        status=CodeStatus.ISSUED,
+        created_at=now,
+    )
+    uow.commerce.add_code(code, codes.digest(plaintext, pepper))
+    context: dict[str, object] = {
+        "package_name": package_name,
+        "credits": order.credits,
+        "expires_at": None if order.expires_at is None else order.expires_at.date().isoformat(),
+        "code": codes.display(plaintext),
+        "redeem_url": links.redeem_url,
+        "lost_code_url": links.lost_code_url,
+        "order_number": order.order_number,
+        "gifter_email": order.gifter_email,
+    }
+    subject = _SUBJECTS[template].format(package=package_name, credits=order.credits)
+    uow.commerce.add_message(
+        Message(
+            id=values.new_id("msg", now),
+            cause=f"code:{code.id}",
+            template=template,
+            to_email=order.email,
+            subject=subject,
+            context=context,
+            order_id=order.id,
+            attempts=0,
+            created_at=now,
+        ),
+        now,
+    )
+    return code
+
+
+@dataclass(frozen=True, kw_only=True)
+class Redeem(Command):
+    code: str
+    account_id: str
+    client_address: str | None = None
+
+
+def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES_PER_WINDOW) -> Lot:
+    """Turn a code into a lot on the account, once (rule 11). Wrong, voided and used codes get
+    one answer; failures count against the account and the client address."""
+    values.account_id(cmd.account_id)
+    key = values.idempotency_key(cmd.idempotency_key)
+    scope = cmd.platform_id or LOCAL_SCOPE
+    # The request is the code as a code and the account, however it was typed or from where.
+    request_hash = fingerprint(
+        replace(cmd, code=codes.normalise(cmd.code) or cmd.code, client_address=None)
+    )
+    subjects = [f"account:{cmd.account_id}"]
+    if cmd.client_address:
+        subjects.append(f"address:{cmd.client_address}")
+    refused: RateLimited | CodeInvalidOrUsed | None = None
+    with uow:
+        now = uow.clock()
+        stored = uow.idempotency.get(scope, key)
+        if stored is not None:
+            if stored.request_hash != request_hash:
+                raise IdempotencyKeyReused
+            uow.replayed = True
+            replayed: Lot = adapter(Lot).validate_python(stored.response)
+            return replayed
+        refused = _rate_limit(uow, subjects, now, limit)
+        if refused is None:
+            normalised = codes.normalise(cmd.code)
+            code = (
+                None
+                if normalised is None
+                else uow.commerce.code_for_update(codes.digest(normalised, pepper))
+            )
+            order = None if code is None else uow.commerce.order(code.order_id)
+            if (
+                code is None
+                or order is None
+                or code.status is not CodeStatus.ISSUED
+                or (order.expires_at is not None and order.expires_at <= now)
+            ):
+                for subject in subjects:
+                    uow.commerce.add_failure(subject, now)
+                uow.commit()
+                refused = CodeInvalidOrUsed("this code is not valid or was used already")
+            else:
+                lot = _credit(cmd, code, order, uow, now=now, key=key)
+                uow.idempotency.add(
+                    scope,
+                    key,
+                    request_hash=request_hash,
+                    response=adapter(Lot).dump_python(lot, mode="json"),
+                    account_id=cmd.account_id,
+                    now=now,
+                )
+                uow.commit()
+                uow.replayed = False
+                return lot
+    assert refused is not None
+    raise refused
+
+
+def _rate_limit(
+    uow: UnitOfWork, subjects: list[str], now: datetime, limit: int
+) -> RateLimited | None:
+    for subject in subjects:
+        count, oldest = uow.commerce.failures_since(subject, now - FAILURE_WINDOW)
+        if count >= limit:
+            assert oldest is not None
+            wait = (oldest + FAILURE_WINDOW - now).total_seconds()
+            return RateLimited(
+                "too many failed attempts: try again later", retry_after=max(1, int(wait) + 1)
+            )
+    return None
+
+
+def _credit(
+    cmd: Redeem, code: Code, order: Order, uow: UnitOfWork, *, now: datetime, key: str
+) -> Lot:
+    """The order's credits as a lot on the account, and the code marked redeemed."""
+    account = uow.accounts.get_for_update(cmd.account_id, create_at=now)
+    assert account is not None
+    account.settle(now)
+    lot = account.grant(
+        amount=order.credits,
+        source=order.source,
+        expires_at=order.expires_at,
+        priority=0,
+        now=now,
+        origin=Origin(key, cmd.platform_id, f"code ...{code.last4} of order {order.order_number}"),
+        metadata={"order_id": order.id, "code_id": code.id},
+    )
+    uow.accounts.save(account)
+    uow.commerce.mark_redeemed(code.id, account.account_id, lot.id, now)
+    return lot
+
+
+@dataclass(frozen=True)
+class Delivery:
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+def deliver_mail(
+    uow: UnitOfWork,
+    sender: Mailer,
+    templates: Renderer,
+    links: Links,
+    *,
+    batch: int = MAIL_BATCH_MAX,
+) -> Delivery:
+    """Send due outbox messages, one transaction each: the row stays locked while it is sent,
+    so two workers never send it twice; once sent, its plaintext code is erased (rule 10)."""
+    assert 1 <= batch <= MAIL_BATCH_MAX
+    sent = retried = failed = 0
+    for _ in range(batch):
+        with uow:
+            now = uow.clock()
+            message = uow.commerce.next_due_message(now)
+            if message is None:
+                break
+            text, html = templates.render(message.template, message.subject, message.context)
+            email = Email(
+                message_id=f"<{message.id}@{links.mail_domain}>",
+                sender=links.mail_from,
+                to=message.to_email,
+                subject=message.subject,
+                text=text,
+                html=html,
+            )
+            attempts = message.attempts + 1
+            try:
+                sender.send(email, now)
+            except MailTemporary as error:
+                retry_at = None
+                if attempts < MAIL_MAX_ATTEMPTS:
+                    retry_at = now + min(MAIL_MAX_BACKOFF, MAIL_FIRST_BACKOFF * 2 ** (attempts - 1))
+                uow.commerce.message_failed(
+                    message.id, attempts=attempts, retry_at=retry_at, error=str(error)
+                )
+                retried += retry_at is not None
+                failed += retry_at is None
+            except MailRefused as error:
+                uow.commerce.message_failed(
+                    message.id, attempts=attempts, retry_at=None, error=str(error)
+                )
+                failed += 1
+            else:
+                scrubbed = dict(message.context)
+                if isinstance(scrubbed.get("code"), str):
+                    scrubbed["code"] = f"XXXX-XXXX-XXXX-{str(scrubbed['code'])[-4:]}"
+                uow.commerce.message_sent(message.id, scrubbed, now)
+                sent += 1
+            uow.commit()
+    return Delivery(sent, retried, failed)
