@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
 
 from tally.adapters import catalog_file
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.uow import SqlUnitOfWork
+from tally.adapters.mail import MailboxSender, SmtpSender, Templates
 from tally.config import Settings
+from tally.domain import codes
 from tally.domain.catalog import Catalog
+from tally.domain.errors import InvalidInput
+from tally.service.commerce import Links
 from tally.service.group_commit import GroupCommit
-from tally.service.ports import Clock
+from tally.service.ports import Clock, Mailer
+
+SECRET_FILE = Path("var/secret.key")
+#: The sandbox's stand-in for Gumroad's seller id, so its pings pass the same checks.
+SANDBOX_SELLER_ID = "sandbox-seller"
 
 
 def system_clock() -> datetime:
@@ -25,6 +40,50 @@ class Tally:
     clock: Clock
     group: GroupCommit
     catalog: Catalog
+    secret_key: str = field(repr=False, default="")
+
+    @cached_property
+    def pepper(self) -> bytes:
+        return codes.pepper(self.secret_key)
+
+    @cached_property
+    def links(self) -> Links:
+        base = self.settings.public_url
+        domain = base.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0] or "localhost"
+        return Links(
+            redeem_url=f"{base}/redeem",
+            lost_code_url=f"{base}/lost-code",
+            mail_from=self.settings.mail_from,
+            mail_domain=domain,
+        )
+
+    @cached_property
+    def mailer(self) -> Mailer:
+        if self.settings.smtp_url:
+            return SmtpSender(self.settings.smtp_url)
+        return MailboxSender(self.settings.mailbox_dir)
+
+    @cached_property
+    def templates(self) -> Templates:
+        return Templates()
+
+    @property
+    def gumroad_token(self) -> str:
+        """The secret path token of the Gumroad webhook; in the sandbox, derived from the
+        secret key so the sandbox checkout can ping its own webhook."""
+        if self.settings.gumroad_webhook_token:
+            return self.settings.gumroad_webhook_token
+        if self.settings.payments == "sandbox":
+            return hmac.new(
+                self.secret_key.encode(), b"sandbox webhook", hashlib.sha256
+            ).hexdigest()[:32]
+        return ""  # no token configured: the webhook answers 404 to everything
+
+    @property
+    def gumroad_seller_id(self) -> str:
+        if self.settings.gumroad_seller_id:
+            return self.settings.gumroad_seller_id
+        return SANDBOX_SELLER_ID if self.settings.payments == "sandbox" else ""
 
     def uow(self) -> SqlUnitOfWork:
         """A unit of work whose changes share transactions with concurrent ones."""
@@ -45,4 +104,20 @@ def bootstrap(settings: Settings | None = None, *, clock: Clock = system_clock) 
     settings = settings or Settings.from_env()
     database = connect(settings.database_url, pool_size=settings.pool_size)
     group = group_commit(database, clock)
-    return Tally(settings, database, clock, group, catalog_file.load(settings.config_path))
+    catalog = catalog_file.load(settings.config_path)
+    return Tally(settings, database, clock, group, catalog, secret_key(settings))
+
+
+def secret_key(settings: Settings) -> str:
+    """TALLY_SECRET_KEY; in development, one generated once into ./var/secret.key."""
+    if settings.secret_key:
+        return settings.secret_key
+    if settings.production:
+        raise InvalidInput("TALLY_SECRET_KEY is required when TALLY_ENV=production")
+    if not SECRET_FILE.exists():
+        SECRET_FILE.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            fd = os.open(SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(32))
+    return SECRET_FILE.read_text().strip()

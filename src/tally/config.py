@@ -11,6 +11,7 @@ from tally.domain.errors import InvalidInput
 
 DEFAULT_DATABASE_URL: Final = "sqlite:///./var/tally.db"
 WORKER_MODES: Final = ("inline", "off")
+PAYMENTS: Final = ("sandbox", "gumroad", "stripe")
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,26 @@ class Settings:
     config_path: Path | None = None
     #: `inline`: `tally serve` runs the worker's jobs in-process; `off`: run `tally worker`.
     worker: str = "inline"
-    #: `production` turns off development conveniences.
+    #: `production` turns off development conveniences (the dev mailbox, a generated secret).
     env: str = "development"
+    #: Keys the HMAC of redemption codes; generated into ./var/secret.key in development.
+    secret_key: str = ""
+    #: Where people reach Tally's pages (links in emails, the sandbox's own webhook).
+    public_url: str = "http://127.0.0.1:8000"
+    #: `sandbox` (the default), `gumroad` or `stripe`: where /checkout sends buyers.
+    payments: str = "sandbox"
+    smtp_url: str | None = None
+    mail_from: str = "Tally <credits@localhost>"
+    mailbox_dir: Path = Path("var/mailbox")
+    gumroad_webhook_token: str = ""
+    gumroad_seller_id: str = ""
+    gumroad_access_token: str | None = None
+    gumroad_api_base: str = "https://api.gumroad.com"
+    stripe_webhook_secret: str = ""
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    #: Failed redemptions allowed per account and per client address per hour (rule 11).
+    redeem_failures_per_hour: int = 10
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -30,10 +49,34 @@ class Settings:
         if worker not in WORKER_MODES:
             raise InvalidInput(f"TALLY_WORKER is one of {', '.join(WORKER_MODES)}")
         config = os.environ.get("TALLY_CONFIG")
+        env = os.environ.get("TALLY_ENV", "development")
+        payments = os.environ.get("TALLY_PAYMENTS", "sandbox")
+        if payments not in PAYMENTS:
+            raise InvalidInput(f"TALLY_PAYMENTS is one of {', '.join(PAYMENTS)}")
         return cls(
             database_url=os.environ.get("TALLY_DATABASE_URL") or DEFAULT_DATABASE_URL,
             pool_size=int(os.environ.get("TALLY_DB_POOL_SIZE", "10")),
             config_path=Path(config) if config else None,
             worker=worker,
-            env=os.environ.get("TALLY_ENV", "development"),
+            env=env,
+            secret_key=os.environ.get("TALLY_SECRET_KEY", ""),
+            public_url=os.environ.get("TALLY_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
+            payments=payments,
+            smtp_url=os.environ.get("TALLY_SMTP_URL") or None,
+            mail_from=os.environ.get("TALLY_MAIL_FROM", "Tally <credits@localhost>"),
+            mailbox_dir=Path(os.environ.get("TALLY_MAILBOX_DIR", "var/mailbox")),
+            gumroad_webhook_token=os.environ.get("TALLY_GUMROAD_WEBHOOK_TOKEN", ""),
+            gumroad_seller_id=os.environ.get("TALLY_GUMROAD_SELLER_ID", ""),
+            gumroad_access_token=os.environ.get("TALLY_GUMROAD_ACCESS_TOKEN") or None,
+            gumroad_api_base=os.environ.get(
+                "TALLY_GUMROAD_API_BASE", "https://api.gumroad.com"
+            ).rstrip("/"),
+            stripe_webhook_secret=os.environ.get("TALLY_STRIPE_WEBHOOK_SECRET", ""),
+            stripe_api_key=os.environ.get("TALLY_STRIPE_API_KEY") or None,
+            stripe_api_base=os.environ.get("TALLY_STRIPE_API_BASE") or None,
+            redeem_failures_per_hour=int(os.environ.get("TALLY_REDEEM_FAILURES_PER_HOUR", "10")),
         )
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"

@@ -179,6 +179,13 @@ class PlatformNotFound(NotFound):
     title = "Platform not found"
 
 
+class CodeNotFound(NotFound):
+    """Support looked up a code that matches no order."""
+
+    code = "code_not_found"
+    title = "Code not found"
+
+
 class ApiKeyNotFound(NotFound):
     """No API key has this prefix."""
 

@@ -1,5 +1,6 @@
-"""The worker: jobs that run on a schedule. Today the expiry sweep; `tally serve` runs it in a
-thread by default (TALLY_WORKER=inline), `tally worker` runs it as its own process."""
+"""The worker: jobs that run on a schedule: sending the outbox's email and the expiry sweep.
+`tally serve` runs it in a thread by default (TALLY_WORKER=inline), `tally worker` runs it as
+its own process."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import structlog
 
 from tally.bootstrap import Tally
 from tally.domain.errors import TallyError
-from tally.service import ledger
+from tally.service import commerce, ledger
 
 log = structlog.get_logger("tally.worker")
 
-#: How often the sweep writes down expired lots and lapsed holds. Balances never wait for it
-#: (rule 2); it only records the entries.
-SWEEP_EVERY_SECONDS: Final = 60.0
+#: How often the worker wakes: email goes out within this, and the sweep writes down expired
+#: lots and lapsed holds (balances never wait for it, rule 2; it only records the entries).
+SWEEP_EVERY_SECONDS: Final = 2.0
 
 
 class Worker:
@@ -28,7 +29,11 @@ class Worker:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> ledger.SweepResult:
-        result = ledger.sweep(self.tally.uow())
+        tally = self.tally
+        sent = commerce.deliver_mail(tally.uow(), tally.mailer, tally.templates, tally.links)
+        if sent != commerce.Delivery():
+            log.info("mail", sent=sent.sent, retried=sent.retried, failed=sent.failed)
+        result = ledger.sweep(tally.uow())
         if result.accounts:
             log.info(
                 "sweep",

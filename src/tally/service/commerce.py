@@ -18,7 +18,12 @@ from tally.domain.commerce import (
     credits_expire_at,
     draw_credits,
 )
-from tally.domain.errors import CodeInvalidOrUsed, IdempotencyKeyReused, RateLimited
+from tally.domain.errors import (
+    CodeInvalidOrUsed,
+    CodeNotFound,
+    IdempotencyKeyReused,
+    RateLimited,
+)
 from tally.domain.model import Lot, Origin
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.ports import (
@@ -102,6 +107,32 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
         _issue_code(order, template, package.name, uow, pepper=pepper, links=links, now=now)
         uow.commit()
     return Fulfilment(order, created=True)
+
+
+def record_unmatched(
+    processor: str, sale_id: str | None, reason: str, payload: object, uow: UnitOfWork
+) -> None:
+    """A ping Tally will not fulfil by guess (an unknown product): kept for support."""
+    with uow:
+        uow.commerce.add_unmatched(processor, sale_id, reason, payload, uow.clock())
+        uow.commit()
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    code: Code
+    order: Order
+
+
+def look_up_code(text: str, uow: UnitOfWork, *, pepper: bytes) -> CodeInfo:
+    """Support's view of a code: its state, its order and who redeemed it."""
+    normalised = codes.normalise(text)
+    with uow.read_only():
+        code = None if normalised is None else uow.commerce.code(codes.digest(normalised, pepper))
+        order = None if code is None else uow.commerce.order(code.order_id)
+    if code is None or order is None:
+        raise CodeNotFound("no code matches")
+    return CodeInfo(code, order)
 
 
 def _issue_code(

@@ -132,6 +132,10 @@ class SqlCommerce:
         row = self.connection.execute(query).first()
         return None if row is None else _code(row)
 
+    def code(self, digest: str) -> Code | None:
+        row = self.connection.execute(select(codes).where(codes.c.digest == digest)).first()
+        return None if row is None else _code(row)
+
     def codes_of_order(self, order_id: str) -> list[Code]:
         rows = self.connection.execute(
             select(codes).where(codes.c.order_id == order_id).order_by(codes.c.created_at)

@@ -1,0 +1,207 @@
+"""Payment processors: reading Gumroad pings and Stripe events into sales, and asking the
+processors' APIs what they know. Formats are the processors' documented ones."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import httpx
+import stripe
+
+from tally.domain.catalog import Catalog, Package
+from tally.domain.commerce import Sale
+from tally.domain.errors import InvalidInput
+
+HTTP_TIMEOUT_SECONDS: Final = 10.0
+STRIPE_TOLERANCE_SECONDS: Final = 300
+
+
+class ProcessorUnavailable(Exception):
+    """The processor's API could not be asked now; the webhook answers 503 so it retries."""
+
+
+def _true(value: object) -> bool:
+    return str(value).strip().lower() == "true"
+
+
+def _time(value: object, default: datetime) -> datetime:
+    if not isinstance(value, str) or not value:
+        return default
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return default
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _int(value: object, default: int) -> int:
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isdigit() else default
+
+
+def matches_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison; an unset secret matches nothing."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+# --- Gumroad ----------------------------------------------------------------------------------
+
+
+def gumroad_package(catalog: Catalog, ping: Mapping[str, str]) -> Package | None:
+    """The package a ping is for: its `product_permalink` ends in `/l/<permalink>` (or is the
+    short permalink itself, as the sales API answers), or its `product_id` is the package's."""
+    permalink = (ping.get("product_permalink") or "").rstrip("/")
+    product_id = ping.get("product_id") or ""
+    for package in catalog.packages.values():
+        wanted = package.gumroad_permalink
+        if wanted and (permalink == wanted or permalink.endswith(f"/l/{wanted}")):
+            return package
+        if package.gumroad_product_id and product_id == package.gumroad_product_id:
+            return package
+    return None
+
+
+def gumroad_sale(
+    ping: Mapping[str, str], package: Package, *, processor: str, now: datetime
+) -> Sale:
+    """A sale from a ping (every value a string, as Gumroad sends them)."""
+    sale_id = ping.get("sale_id") or ""
+    email = (ping.get("email") or "").strip()
+    gifter = (ping.get("gifter_email") or "").strip() or None
+    is_gift = _true(ping.get("is_gift_receiver_purchase"))
+    return Sale(
+        processor=processor,
+        sale_id=sale_id,
+        package=package,
+        email=email,
+        purchased_at=_time(ping.get("sale_timestamp"), now),
+        quantity=max(1, _int(ping.get("quantity"), 1)),
+        price=_int(ping.get("price"), 0),
+        currency=(ping.get("currency") or "usd").upper()[:3],
+        order_number=ping.get("order_number") or None,
+        gifter_email=gifter if is_gift else None,
+        is_test=_true(ping.get("test")),
+    )
+
+
+def flatten(form: Mapping[str, Any]) -> dict[str, str]:
+    """A ping's fields as strings (JSON pings may carry numbers or booleans)."""
+    flat: dict[str, str] = {}
+    for name, value in form.items():
+        if isinstance(value, bool):
+            flat[str(name)] = "true" if value else "false"
+        elif value is None:
+            flat[str(name)] = ""
+        elif isinstance(value, str | int | float):
+            flat[str(name)] = str(value)
+    return flat
+
+
+class GumroadApi:
+    """`GET /v2/sales/{id}`: the sale as Gumroad knows it, to confirm a ping before fulfilling."""
+
+    def __init__(self, base_url: str, access_token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.access_token = access_token
+
+    def sale(self, sale_id: str) -> dict[str, str] | None:
+        try:
+            answer = httpx.get(
+                f"{self.base_url}/v2/sales/{sale_id}",
+                params={"access_token": self.access_token},
+                timeout=HTTP_TIMEOUT_SECONDS,
+            )
+        except httpx.TransportError as error:
+            raise ProcessorUnavailable(str(error)[:200]) from error
+        if answer.status_code == 404:
+            return None
+        if answer.status_code >= 500 or answer.status_code == 429:
+            raise ProcessorUnavailable(f"Gumroad answered {answer.status_code}")
+        try:
+            body = answer.json()
+        except ValueError as error:
+            raise ProcessorUnavailable("Gumroad answered something other than JSON") from error
+        if not isinstance(body, dict) or not body.get("success") or "sale" not in body:
+            return None
+        sale = body["sale"]
+        return flatten(sale) if isinstance(sale, dict) else None
+
+
+# --- Stripe -----------------------------------------------------------------------------------
+
+
+def stripe_event(payload: bytes, signature: str | None, secret: str) -> Any:
+    """The verified event, or InvalidInput for a wrong, stale or missing signature."""
+    if not secret:
+        raise InvalidInput("Stripe webhooks are not configured")
+    try:
+        return stripe.Webhook.construct_event(
+            payload, signature or "", secret, tolerance=STRIPE_TOLERANCE_SECONDS
+        )
+    except (ValueError, stripe.SignatureVerificationError) as error:
+        raise InvalidInput("the Stripe-Signature does not verify") from error
+
+
+def stripe_package(
+    catalog: Catalog, session: Mapping[str, Any], prices: list[str]
+) -> Package | None:
+    metadata = session.get("metadata") or {}
+    named = metadata.get("package") if isinstance(metadata, Mapping) else None
+    if isinstance(named, str) and named in catalog.packages:
+        return catalog.packages[named]
+    for package in catalog.packages.values():
+        if package.stripe_price_id and package.stripe_price_id in prices:
+            return package
+    return None
+
+
+def stripe_sale(
+    session: Mapping[str, Any], package: Package, quantity: int, *, now: datetime
+) -> Sale:
+    details = session.get("customer_details") or {}
+    buyer = (details.get("email") if isinstance(details, Mapping) else None) or session.get(
+        "customer_email"
+    )
+    metadata = session.get("metadata") or {}
+    gift = metadata.get("gift_email") if isinstance(metadata, Mapping) else None
+    created = session.get("created")
+    return Sale(
+        processor="stripe",
+        sale_id=str(session.get("id") or ""),
+        package=package,
+        email=str(gift or buyer or ""),
+        purchased_at=datetime.fromtimestamp(created, UTC) if isinstance(created, int) else now,
+        quantity=max(1, quantity),
+        price=int(session.get("amount_total") or 0),
+        currency=str(session.get("currency") or "usd").upper()[:3],
+        order_number=str(session.get("id") or ""),
+        gifter_email=str(buyer) if gift and buyer else None,
+        is_test=not bool(session.get("livemode", False)),
+    )
+
+
+def stripe_line_items(
+    session: Mapping[str, Any], api_key: str | None, api_base: str | None
+) -> list[tuple[str, int]]:
+    """(price id, quantity) of the session's line items: from the event when expanded, else
+    from the API (`GET /v1/checkout/sessions/{id}/line_items`) when a key is configured."""
+    items = session.get("line_items")
+    data = items.get("data") if isinstance(items, Mapping) else None
+    if data is None and api_key:
+        try:
+            client = stripe.StripeClient(
+                api_key, base_addresses={"api": api_base} if api_base else None
+            )
+            data = list(client.checkout.sessions.line_items.list(str(session["id"])).data)
+        except stripe.StripeError as error:
+            raise ProcessorUnavailable(str(error)[:200]) from error
+    found = []
+    for item in data or []:
+        price = item.get("price") or {}
+        price_id = price.get("id") if isinstance(price, Mapping) else price
+        if isinstance(price_id, str):
+            found.append((price_id, int(item.get("quantity") or 1)))
+    return found

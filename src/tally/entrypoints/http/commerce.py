@@ -1,0 +1,410 @@
+"""Commerce over HTTP: processor webhooks, redemption and code look-up in the API, and the
+pages people use (checkout in the sandbox, redeem, the development mailbox)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+
+import httpx
+from fastapi import APIRouter, Depends, Form, Header, Path, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment, PackageLoader, select_autoescape
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from tally.adapters import payments
+from tally.adapters.mail import MailboxSender
+from tally.bootstrap import Tally
+from tally.domain import values
+from tally.domain.commerce import Sale
+from tally.domain.errors import (
+    CodeInvalidOrUsed,
+    DatabaseUnavailable,
+    IdempotencyKeyRequired,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    TallyError,
+)
+from tally.domain.keys import Principal
+from tally.entrypoints.http import schemas
+from tally.entrypoints.http.v1 import ERRORS, Caller, IdempotencyKey, json_response, tally_of
+from tally.entrypoints.views import lot_view
+from tally.service import commerce, ledger
+
+SANDBOX_TIMEOUT_SECONDS: Final = 10.0
+_pages = Environment(
+    loader=PackageLoader("tally", "templates/pages"),
+    autoescape=select_autoescape(enabled_extensions=("html.j2",)),
+)
+
+App = Annotated[Tally, Depends(tally_of)]
+Spend = Annotated[Principal, Depends(Caller("spend"))]
+Support = Annotated[Principal, Depends(Caller("support"))]
+
+router = APIRouter()
+
+
+def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return HTMLResponse(_pages.get_template(name).render(**context), status)
+
+
+def _accepted(**body: Any) -> Response:
+    return json_response({"ok": True, **body})
+
+
+def _fulfil(tally: Tally, sale: Sale) -> commerce.Fulfilment:
+    return commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+
+
+# --- webhooks -----------------------------------------------------------------------------------
+
+
+async def _ping(request: Request) -> dict[str, str]:
+    """A Gumroad ping: form-encoded (what Gumroad sends) or JSON, as strings."""
+    if "json" in request.headers.get("content-type", ""):
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            raise InvalidInput("the ping is not JSON") from error
+        if not isinstance(body, dict):
+            raise InvalidInput("the ping is not an object")
+        return payments.flatten(body)
+    form = await request.form()
+    return payments.flatten({name: value for name, value in form.items() if isinstance(value, str)})
+
+
+@router.post("/webhooks/gumroad/{token}", tags=["webhooks"], responses=ERRORS)
+async def gumroad_webhook(
+    request: Request, token: Annotated[str, Path(max_length=200)]
+) -> Response:
+    """Fulfil a Gumroad sale once. A wrong token or seller is a 404 with no side effect; a
+    temporary failure is a 503, so Gumroad tries again."""
+    tally = tally_of(request)
+    if not payments.matches_secret(token, tally.gumroad_token):
+        raise NotFound("no such endpoint")
+    ping = await _ping(request)
+    if not payments.matches_secret(ping.get("seller_id", ""), tally.gumroad_seller_id):
+        raise NotFound("no such endpoint")
+    resource = ping.get("resource_name") or "sale"
+    sale_id = ping.get("sale_id") or None
+    if resource != "sale":
+        return _accepted(ignored=resource)  # refunds and disputes: handled by support today
+    if sale_id is None:
+        raise InvalidInput("the ping has no sale_id")
+    return await run_in_threadpool(_gumroad_sale, tally, ping, sale_id)
+
+
+def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
+    settings = tally.settings
+    if settings.gumroad_access_token:
+        api = payments.GumroadApi(settings.gumroad_api_base, settings.gumroad_access_token)
+        try:
+            confirmed = api.sale(sale_id)
+        except payments.ProcessorUnavailable as error:
+            raise DatabaseUnavailable(f"Gumroad could not confirm the sale: {error}") from error
+        if confirmed is None:
+            commerce.record_unmatched(
+                "gumroad", sale_id, "unknown to the sales API", ping, tally.uow()
+            )
+            return _accepted(ignored="unconfirmed")
+        ping = {**ping, **{k: v for k, v in confirmed.items() if k in _CONFIRMED_FIELDS}}
+    package = payments.gumroad_package(tally.catalog, ping)
+    processor = "sandbox" if settings.payments == "sandbox" else "gumroad"
+    if package is None:
+        commerce.record_unmatched(
+            processor, sale_id, "no package for this product", ping, tally.uow()
+        )
+        return _accepted(ignored="unknown product")
+    now = tally.clock()
+    done = _fulfil(tally, payments.gumroad_sale(ping, package, processor=processor, now=now))
+    return _accepted(order_id=done.order.id, created=done.created)
+
+
+#: What the sales API's answer may correct in a ping before fulfilment.
+_CONFIRMED_FIELDS: Final = frozenset(
+    {"email", "product_id", "product_permalink", "quantity", "price", "currency", "sale_timestamp"}
+)
+
+
+@router.post("/webhooks/stripe", tags=["webhooks"], responses=ERRORS)
+async def stripe_webhook(
+    request: Request,
+    stripe_signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None,
+) -> Response:
+    tally = tally_of(request)
+    event = payments.stripe_event(
+        await request.body(), stripe_signature, tally.settings.stripe_webhook_secret
+    )
+    kind = event["type"]
+    if kind not in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        return _accepted(ignored=kind)
+    session = event["data"]["object"]
+    if session.get("payment_status") != "paid":
+        return _accepted(ignored="not paid yet")
+    return await run_in_threadpool(_stripe_sale, tally, session)
+
+
+def _stripe_sale(tally: Tally, session: Any) -> Response:
+    settings = tally.settings
+    try:
+        items = payments.stripe_line_items(
+            session, settings.stripe_api_key, settings.stripe_api_base
+        )
+    except payments.ProcessorUnavailable as error:
+        raise DatabaseUnavailable(f"Stripe could not list the line items: {error}") from error
+    package = payments.stripe_package(tally.catalog, session, [price for price, _ in items])
+    if package is None:
+        commerce.record_unmatched(
+            "stripe", str(session.get("id")), "no package", dict(session), tally.uow()
+        )
+        return _accepted(ignored="unknown product")
+    quantity = next((q for price, q in items if price == package.stripe_price_id), 1)
+    done = _fulfil(tally, payments.stripe_sale(session, package, quantity, now=tally.clock()))
+    return _accepted(order_id=done.order.id, created=done.created)
+
+
+# --- the API ------------------------------------------------------------------------------------
+
+
+class RedemptionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    account_id: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+@router.post(
+    "/v1/redemptions",
+    status_code=201,
+    response_model=schemas.LotOut,
+    responses={**ERRORS, 429: ERRORS[409] | {"description": "Too many failed attempts"}},
+    tags=["codes"],
+)
+def redeem(
+    tally: App,
+    body: RedemptionIn,
+    who: Spend,
+    idempotency_key: IdempotencyKey = None,
+    client_address: Annotated[
+        str | None,
+        Header(alias="X-Client-Address", max_length=64, description="the person's IP address"),
+    ] = None,
+) -> Response:
+    if idempotency_key is None:
+        raise IdempotencyKeyRequired("send an Idempotency-Key header with every POST")
+    unit = tally.uow()
+    lot = commerce.redeem(
+        commerce.Redeem(
+            code=body.code,
+            account_id=body.account_id,
+            client_address=client_address,
+            idempotency_key=idempotency_key,
+            platform_id=who.platform_id,
+        ),
+        unit,
+        pepper=tally.pepper,
+        limit=tally.settings.redeem_failures_per_hour,
+    )
+    return json_response(lot_view(lot, tally.clock()), 201, replayed=unit.replayed)
+
+
+@router.get("/v1/codes/{code}", tags=["codes"], responses=ERRORS)
+def code_info(tally: App, code: Annotated[str, Path(max_length=64)], _: Support) -> Response:
+    found = commerce.look_up_code(code, tally.uow(), pepper=tally.pepper)
+    c, order = found.code, found.order
+    return json_response(
+        {
+            "id": c.id,
+            "object": "code",
+            "last4": c.last4,
+            "status": c.status.value,
+            "created_at": values.format_time(c.created_at),
+            "redeemed_at": values.format_time(c.redeemed_at),
+            "account_id": c.account_id,
+            "lot_id": c.lot_id,
+            "order": {
+                "id": order.id,
+                "processor": order.processor,
+                "sale_id": order.sale_id,
+                "order_number": order.order_number,
+                "package_id": order.package_id,
+                "credits": order.credits,
+                "email": order.email,
+                "status": order.status.value,
+                "purchased_at": values.format_time(order.purchased_at),
+                "expires_at": values.format_time(order.expires_at),
+            },
+        }
+    )
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+
+@router.get("/redeem", response_class=HTMLResponse, include_in_schema=False)
+def redeem_page() -> HTMLResponse:
+    return _page("redeem.html.j2", title="Redeem a code")
+
+
+@router.post("/redeem", response_class=HTMLResponse, include_in_schema=False)
+def redeem_form(
+    request: Request,
+    tally: App,
+    code: Annotated[str, Form(max_length=64)],
+    account: Annotated[str, Form(max_length=128)],
+) -> HTMLResponse:
+    account_id = account.strip().lower()
+    address = request.client.host if request.client else None
+    try:
+        lot = commerce.redeem(
+            commerce.Redeem(
+                code=code,
+                account_id=account_id,
+                client_address=address,
+                idempotency_key=f"page-{secrets.token_hex(12)}",
+            ),
+            tally.uow(),
+            pepper=tally.pepper,
+            limit=tally.settings.redeem_failures_per_hour,
+        )
+    except (CodeInvalidOrUsed, RateLimited, InvalidInput) as error:
+        status = error.status
+        return _page(
+            "redeem.html.j2",
+            status,
+            title="Redeem a code",
+            error=error.detail,
+            account_id=account_id,
+        )
+    available = ledger.get_balance(account_id, tally.uow()).available
+    shown = {"amount": lot.amount, "expires_at": values.format_time(lot.expires_at)}
+    return _page(
+        "redeem.html.j2",
+        title="Credits added",
+        lot=shown,
+        account_id=account_id,
+        available=available,
+    )
+
+
+@router.get("/checkout/{package_id}", include_in_schema=False)
+def checkout(
+    tally: App,
+    package_id: Annotated[str, Path(max_length=64)],
+    email: str | None = None,
+    gift_email: str | None = None,
+) -> Response:
+    package = tally.catalog.packages.get(package_id)
+    if package is None:
+        raise NotFound(f"no package {package_id!r}")
+    settings = tally.settings
+    if settings.payments == "gumroad":
+        permalink = package.gumroad_permalink or package.id
+        return RedirectResponse(f"https://gumroad.com/l/{permalink}", 303)
+    if settings.payments == "stripe":
+        return RedirectResponse(_stripe_checkout(tally, package.id, email, gift_email), 303)
+    return _page(
+        "checkout.html.j2",
+        title=f"Buy {package.name}",
+        package=package,
+        email=email,
+        gift_email=gift_email,
+    )
+
+
+def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str | None) -> str:
+    import stripe
+
+    settings = tally.settings
+    package = tally.catalog.packages[package_id]
+    if not settings.stripe_api_key or not package.stripe_price_id:
+        raise InvalidInput("Stripe checkout needs TALLY_STRIPE_API_KEY and a price id")
+    client = stripe.StripeClient(
+        settings.stripe_api_key,
+        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
+    )
+    metadata = {"package": package.id, **({"gift_email": gift} if gift else {})}
+    params: dict[str, Any] = {
+        "mode": "payment",
+        "line_items": [{"price": package.stripe_price_id, "quantity": 1}],
+        "success_url": f"{settings.public_url}/redeem",
+        "cancel_url": f"{settings.public_url}/checkout/{package.id}",
+        "metadata": metadata,
+    }
+    if email:
+        params["customer_email"] = email
+    try:
+        session = client.checkout.sessions.create(params=params)  # type: ignore[arg-type]
+    except stripe.StripeError as error:
+        raise DatabaseUnavailable(f"Stripe could not start the checkout: {error}") from error
+    return str(session.url)
+
+
+@router.post("/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False)
+def sandbox_pay(
+    tally: App,
+    package_id: Annotated[str, Path(max_length=64)],
+    email: Annotated[str, Form(max_length=320)],
+    gift_email: Annotated[str, Form(max_length=320)] = "",
+) -> HTMLResponse:
+    """The sandbox's Pay button: a Gumroad-format ping to Tally's own webhook, over HTTP."""
+    if tally.settings.payments != "sandbox":
+        raise NotFound("the sandbox checkout is off")
+    package = tally.catalog.packages.get(package_id)
+    if package is None:
+        raise NotFound(f"no package {package_id!r}")
+    sale_id = f"sandbox-{secrets.token_hex(8)}"
+    gift = gift_email.strip()
+    ping = {
+        "seller_id": tally.gumroad_seller_id,
+        "sale_id": sale_id,
+        "sale_timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "order_number": str(secrets.randbelow(10**9)),
+        "product_id": package.gumroad_product_id or package.id,
+        "product_permalink": f"{tally.settings.public_url}/l/{package.gumroad_permalink}",
+        "product_name": package.name,
+        "email": gift or email.strip(),
+        "price": "0" if gift else str(package.price),
+        "currency": package.currency.lower(),
+        "quantity": "1",
+        "resource_name": "sale",
+        "test": "true",
+        "is_gift_receiver_purchase": "true" if gift else "false",
+        "gifter_email": email.strip() if gift else "",
+        "refunded": "false",
+    }
+    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.gumroad_token}"
+    try:
+        answer = httpx.post(url, data=ping, timeout=SANDBOX_TIMEOUT_SECONDS)
+    except httpx.TransportError as error:
+        raise DatabaseUnavailable(
+            f"the sandbox could not reach {tally.settings.public_url}"
+        ) from error
+    if answer.status_code != 200:
+        raise TallyError(f"the webhook answered {answer.status_code}")
+    shown = gift or email.strip()
+    return _page(
+        "paid.html.j2", title="Thank you", email=shown, mailbox=not tally.settings.smtp_url
+    )
+
+
+@router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
+def mailbox(tally: App) -> HTMLResponse:
+    if tally.settings.production or tally.settings.smtp_url:
+        raise NotFound("the development mailbox is off")
+    messages = []
+    for message in MailboxSender(tally.settings.mailbox_dir).messages():
+        body = message.get_body(("plain",))
+        messages.append(
+            {
+                "subject": message["Subject"],
+                "to": message["To"],
+                "date": message["Date"],
+                "text": body.get_content() if body is not None else "",
+            }
+        )
+    return _page("mailbox.html.j2", title="Mailbox", messages=messages)
