@@ -3,7 +3,10 @@ made by the real CLI. Shared by the HTTP, SDK and schema tests."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,6 +23,19 @@ from tests.support import postgres_schema
 
 TALLY = str(Path(sys.executable).parent / "tally")
 ALL_SCOPES = "read,spend,grant,support,admin"
+
+
+#: Runs several `tally` commands (a JSON list of argument lists) in one process.
+_CLI_BATCH = """
+import json, sys
+from tally import logs
+from tally.entrypoints.cli import app
+logs.configure()
+for args in json.loads(sys.argv[1]):
+    code = app(args, prog_name="tally", standalone_mode=False)
+    if code:
+        sys.exit(code)
+"""
 
 
 def free_port() -> int:
@@ -32,28 +49,90 @@ class Server:
     """`tally serve` as a child process. `restart()` stops it and starts it again on the same
     port and database, as an operator's deploy would."""
 
-    def __init__(self, url: str, directory: Path, *, workers: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        directory: Path,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
         self.url = url
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.directory = directory
         self.workers = workers
-        self.env = {**os.environ, "TALLY_DATABASE_URL": url, "TALLY_WORKER": "off"}
+        self.env = {
+            **os.environ,
+            "TALLY_DATABASE_URL": url,
+            "TALLY_WORKER": "off",
+            "TALLY_PUBLIC_URL": self.base_url,
+            **(env or {}),
+        }
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / f"serve-{self.port}.log"
+        self.platform_ids: dict[str, str] = {}  # name -> plt_... of the platforms made here
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        # In the test's own directory, so a ./tally.toml where pytest runs cannot change the
+        # catalog the tests expect (the built-in one).
+        return subprocess.run(
+            [TALLY, *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.directory,
+            timeout=60,
+            check=False,
+        )
 
     def cli(self, *args: str) -> str:
-        done = subprocess.run(
-            [TALLY, *args], capture_output=True, text=True, env=self.env, timeout=60, check=False
-        )
+        done = self._run(*args)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
     def key(self, platform: str, scopes: str = ALL_SCOPES) -> str:
-        """A new platform (or a new key of an existing one) with `scopes`: the plaintext key."""
-        listed = self.cli("keys", "list")
-        verb = ("keys", "create") if f"  {platform}  " in listed else ("platforms", "create")
-        return self.cli(*verb, platform, "--scopes", scopes).strip().splitlines()[-1]
+        """A new platform (or a new key of an existing one) with `scopes`: the plaintext key.
+        One CLI run per key (each costs about a second): create the platform, and only if it
+        exists already add a key to it."""
+        done = None
+        if platform not in self.platform_ids:
+            done = self._run("platforms", "create", platform, "--scopes", scopes)
+            assert done.returncode == 0 or "platform_exists" in done.stderr, done.stderr
+        if done is None or done.returncode != 0:
+            done = self._run("keys", "create", platform, "--scopes", scopes)
+            assert done.returncode == 0, done.stderr
+        lines = done.stdout.strip().splitlines()
+        # "platform NAME (plt_...)" first, the plaintext key alone on the last line.
+        self.platform_ids[platform] = lines[0].rsplit("(", 1)[1].rstrip(")")
+        return lines[-1]
+
+    def keys(self, platform: str, *scopes: str) -> list[str]:
+        """One key per entry of `scopes`, all of one platform, made by the CLI's own commands in
+        one process: the CLI's start-up is most of what a key costs."""
+        commands = [["keys", "create", platform, "--scopes", wanted] for wanted in scopes]
+        if platform not in self.platform_ids:
+            commands[0][:2] = ["platforms", "create"]
+        done = subprocess.run(
+            [sys.executable, "-c", _CLI_BATCH, json.dumps(commands)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.directory,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        self.platform_ids[platform] = lines[0].rsplit("(", 1)[1].rstrip(")")
+        made = [line for line in lines if re.fullmatch(r"tly_[0-9a-z]{10}_[0-9a-z]{32}", line)]
+        assert len(made) == len(scopes), done.stdout
+        return made
+
+    def revoke(self, key: str) -> None:
+        """Revoke a key through the CLI, by its visible prefix (`tly_xxxxxxxxxx`)."""
+        self.cli("keys", "revoke", key.rsplit("_", 1)[0])
 
     def start(self) -> None:
         assert self.process is None
@@ -61,6 +140,7 @@ class Server:
             self.process = subprocess.Popen(
                 [TALLY, "serve", "--port", str(self.port), "--workers", str(self.workers)],
                 env=self.env,
+                cwd=self.directory,
                 stdout=log,
                 stderr=log,
             )
@@ -95,9 +175,16 @@ class Server:
 
 
 @contextmanager
-def running(kind: str, directory: Path, *, workers: int = 1) -> Iterator[Server]:
+def running(
+    kind: str,
+    directory: Path,
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> Iterator[Server]:
     with _database_url(kind, directory) as url:
-        server = Server(url, directory, workers=workers)
+        server = Server(url, directory, workers=workers, env=env, port=port)
         server.cli("migrate")
         server.start()
         try:
@@ -113,3 +200,61 @@ def _database_url(kind: str, directory: Path) -> Iterator[str]:
     else:
         with postgres_schema() as url:
             yield url
+
+
+# --- talking to it ----------------------------------------------------------------------------
+
+
+class Api:
+    """One key's view of a server over httpx: every POST carries a fresh Idempotency-Key unless
+    the test names one (or, with `idempotency_key=""`, sends none)."""
+
+    def __init__(self, server: Server, key: str) -> None:
+        self.http = httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def get(self, path: str, **params: str | int) -> httpx.Response:
+        return self.http.get(path, params=params)
+
+    def put(self, path: str, body: Any = None) -> httpx.Response:
+        return self.http.put(path, json=body)
+
+    def post(
+        self, path: str, body: Any = None, *, idempotency_key: str | None = None
+    ) -> httpx.Response:
+        key = secrets.token_hex(12) if idempotency_key is None else idempotency_key
+        headers = {"Idempotency-Key": key} if key else {}
+        return self.http.post(path, json=body, headers=headers)
+
+    def grant(self, account: str, amount: int, **fields: Any) -> dict[str, Any]:
+        body = {"amount": amount, "reason": "test stock", **fields}
+        return ok(self.post(f"/v1/accounts/{account}/grants", body), 201)
+
+    def balance(self, account: str, **params: str) -> dict[str, Any]:
+        return ok(self.get(f"/v1/accounts/{account}/balance", **params))
+
+
+def ok(response: httpx.Response, status: int = 200) -> dict[str, Any]:
+    """The JSON body of a success with exactly `status`."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The RFC 9457 body of a refusal with exactly `status` and Tally's `code`."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code, body
+    assert body["status"] == status
+    assert body["type"] == "about:blank"
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body

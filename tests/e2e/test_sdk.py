@@ -164,17 +164,19 @@ def test_a_lost_answer_is_retried_with_the_same_key_and_charges_once(
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", DATABASES)
 def test_charge_survives_a_server_restart_mid_job(kind: str, tmp_path: Path) -> None:
-    with running(kind, tmp_path) as server:
-        with Tally(server.base_url, server.key("restarts"), max_retries=8) as tally:
-            account = _account()
-            tally.grant(account, 10, reason="stock")
-            with tally.charge(account, tool="video", quantity=2) as job:
-                server.stop()  # the deploy starts while the tool works
-                back = threading.Timer(1.0, server.start)
-                back.start()
-                job.delivered(1)
-            back.join()
-            assert job.result is not None
-            assert job.result.captured == 2
-            assert tally.balance(account).available == 8
-            assert [e.type for e in tally.entries(account).data].count("capture") == 1
+    with (
+        running(kind, tmp_path) as server,
+        Tally(server.base_url, server.key("restarts"), max_retries=8) as tally,
+    ):
+        account = _account()
+        tally.grant(account, 10, reason="stock")
+        with tally.charge(account, tool="video", quantity=2) as job:
+            server.stop()  # the deploy starts while the tool works
+            back = threading.Timer(1.0, server.start)
+            back.start()
+            job.delivered(1)
+        back.join()
+        assert job.result is not None
+        assert job.result.captured == 2
+        assert tally.balance(account).available == 8
+        assert [e.type for e in tally.entries(account).data].count("capture") == 1

@@ -17,7 +17,6 @@ from tally.entrypoints.http.app import create_app
 from tally.service import ledger, platforms
 from tests.support import FakeClock
 
-
 pytestmark = pytest.mark.anyio
 
 

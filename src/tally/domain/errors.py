@@ -98,6 +98,14 @@ class IdempotencyKeyRequired(InvalidInput):
     title = "Idempotency-Key header required"
 
 
+class SignatureInvalid(InvalidInput):
+    """A webhook's signature is missing, wrong or too old to trust. `signature_invalid`, 400."""
+
+    code = "signature_invalid"
+    status = 400
+    title = "Signature invalid"
+
+
 class UnknownTool(InvalidInput):
     """The tool is not in the catalog, so its price is unknown. `unknown_tool`, 422."""
 

@@ -209,6 +209,8 @@ def allocate(lots: list[Lot], amount: int, now: datetime) -> list[Allocation]:
 def check_reason(reason: str | None) -> str | None:
     if reason is not None and len(reason) > REASON_MAX_LENGTH:
         raise InvalidInput(f"reason is at most {REASON_MAX_LENGTH} characters")
+    if reason is not None and "\x00" in reason:
+        raise InvalidInput("reason must not contain NUL characters")  # PostgreSQL cannot store it
     return reason
 
 
@@ -409,16 +411,27 @@ class Account:
     def release(self, hold_id: str, now: datetime, origin: Origin) -> Hold:
         """Rule 7: a failed job's hold goes back in full to the lots it came from."""
         hold = self._pending_hold(hold_id, now)
+        check_reason(origin.reason)
         self._give_back(hold, hold.allocations, now, origin)
         hold.status = HoldStatus.RELEASED
         self._hold_changed(hold)
         return hold
 
-    def debit(self, *, amount: int, now: datetime, origin: Origin) -> Debit:
-        """A hold and its full capture in one step: one `debit` entry per lot touched."""
+    def debit(
+        self,
+        *,
+        amount: int,
+        now: datetime,
+        origin: Origin,
+        metadata: dict[str, Any] | None = None,
+    ) -> Debit:
+        """A hold and its full capture in one step: one `debit` entry per lot touched, each
+        with the caller's metadata."""
         allocations = allocate(list(self.lots.values()), amount, now)
         entries = [
-            self._take(self.lots[a.lot_id], a.amount, EntryType.DEBIT, now, origin)
+            self._take(
+                self.lots[a.lot_id], a.amount, EntryType.DEBIT, now, origin, metadata=metadata
+            )
             for a in allocations
         ]
         return Debit(
@@ -513,7 +526,9 @@ class Account:
             raise HoldNotFound(hold_id=hold_id)
         status = hold.status_at(now)
         if status is not HoldStatus.PENDING:
-            raise HoldNotPending(f"hold is {status.value}", hold_id=hold_id, status=status.value)
+            raise HoldNotPending(
+                f"hold is {status.value}", hold_id=hold_id, hold_status=status.value
+            )
         return hold
 
     def _give_back(
@@ -548,12 +563,15 @@ class Account:
         origin: Origin,
         *,
         hold_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> Entry:
         assert 0 < amount <= lot.remaining, (amount, lot.remaining)
         lot.remaining -= amount
         self.changed_lot_ids.add(lot.id)
         signed = -amount if kind is EntryType.ADJUSTMENT else amount
-        return self._record(kind, signed, now, origin, lot_id=lot.id, hold_id=hold_id)
+        return self._record(
+            kind, signed, now, origin, lot_id=lot.id, hold_id=hold_id, metadata=metadata
+        )
 
     def _hold_changed(self, hold: Hold) -> None:
         """Called once per hold when it leaves `pending`."""

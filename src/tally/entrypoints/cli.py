@@ -377,7 +377,8 @@ def serve(
     """Serve the HTTP API (and, unless TALLY_WORKER=off, the worker's jobs in-process)."""
     import uvicorn
 
-    typer.echo(f"Tally on http://{host}:{port}  (API docs: http://{host}:{port}/docs)", err=True)
+    # A log event, not a bare line: the server's log stays one JSON object per line.
+    log.info("serving", url=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
     uvicorn.run(
         "tally.entrypoints.http.app:app_from_env",
         factory=True,

@@ -204,7 +204,7 @@ def debit(cmd: DebitCredits, uow: UnitOfWork) -> Debit:
     _check_metadata(cmd.metadata)
 
     def action(account: Account, now: datetime) -> Debit:
-        return account.debit(amount=amount, now=now, origin=cmd.origin())
+        return account.debit(amount=amount, now=now, origin=cmd.origin(), metadata=cmd.metadata)
 
     return run(uow, Change(cmd, cmd.account_id, action, Debit))
 
@@ -252,7 +252,7 @@ def adjust(cmd: Adjust, uow: UnitOfWork) -> list[Entry]:
 def put_account(account_id: str, email: str | None, uow: UnitOfWork) -> Account:
     """Create the account if new and set its email. Naturally idempotent."""
     values.account_id(account_id)
-    if email is not None and (len(email) > 320 or "@" not in email):
+    if email is not None and (len(email) > 320 or "@" not in email or "\x00" in email):
         raise InvalidInput("email is not an address")
     with uow:
         account = uow.accounts.get_for_update(account_id, create_at=uow.clock())
@@ -302,7 +302,8 @@ def list_entries(
         if uow.accounts.get(account_id) is None:
             raise AccountNotFound(account_id=account_id)
         if starting_after is not None:
-            before_seq = uow.journal.seq_of(account_id, starting_after)
+            known = values.is_id(starting_after, "ent")  # never send the database junk
+            before_seq = uow.journal.seq_of(account_id, starting_after) if known else None
             if before_seq is None:
                 raise InvalidInput("starting_after names no entry of this account")
         found = uow.journal.entries(account_id, limit=limit + 1, before_seq=before_seq)
@@ -318,6 +319,9 @@ def list_lots(
     with uow.read_only():
         if uow.accounts.get(account_id) is None:
             raise AccountNotFound(account_id=account_id)
+        if starting_after is not None and not values.is_id(starting_after, "lot"):
+            # Never send the database junk (PostgreSQL refuses NUL characters outright).
+            raise LotNotFound("starting_after names no lot of this account")
         found = uow.accounts.lots(account_id, limit=limit + 1, starting_after=starting_after)
         return Page(found[:limit], len(found) > limit), uow.clock()
 
@@ -396,8 +400,23 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
     if not isinstance(metadata, dict):
         raise InvalidInput("metadata must be an object")
     try:
-        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+        # Strict JSON that both databases store: no NaN or Infinity, no lone surrogates
+        # (UnicodeEncodeError is a ValueError).
+        text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        size = len(text.encode())
     except (TypeError, ValueError) as error:
         raise InvalidInput("metadata must be JSON") from error
     if size > METADATA_MAX_BYTES:
         raise InvalidInput(f"metadata is at most {METADATA_MAX_BYTES} bytes of JSON")
+    if _has_nul(metadata):
+        raise InvalidInput("metadata must not contain NUL characters")  # nor can PostgreSQL
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False

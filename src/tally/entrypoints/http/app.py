@@ -3,7 +3,7 @@ mapping that makes every failure RFC 9457 problem+json with Tally's `code`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -16,13 +16,16 @@ from tally.bootstrap import Tally, bootstrap
 from tally.domain.errors import (
     InternalError,
     InvalidAmount,
+    InvalidIdempotencyKey,
     InvalidInput,
     InvalidJson,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     TallyError,
 )
-from tally.entrypoints.http import schemas, v1
+from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH
+from tally.entrypoints.http import commerce, schemas, v1
 from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, problem_body
 from tally.entrypoints.http.metrics import CONTENT_TYPE, Metrics
 from tally.entrypoints.worker import Worker
@@ -33,12 +36,19 @@ MAX_LISTED_ERRORS: Final = 20
 _CREDIT_FIELDS: Final = frozenset({"amount", "quantity"})
 
 
-def _problem(error: TallyError, request: Request) -> Response:
+def _problem(
+    error: TallyError, request: Request, headers: Mapping[str, str] | None = None
+) -> Response:
+    extra = {**(headers or {})}
+    if error.status == 401:
+        extra["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, RateLimited):
+        extra["Retry-After"] = str(error.retry_after)
     return Response(
         problem_body(error, request.scope.get("state", {}).get("request_id")),
         error.status,
         media_type=PROBLEM_JSON.decode(),
-        headers={"WWW-Authenticate": "Bearer"} if error.status == 401 else None,
+        headers=extra or None,
     )
 
 
@@ -56,6 +66,12 @@ def _validation_error(error: RequestValidationError, request: Request) -> TallyE
     if listed and all(e["loc"] and e["loc"][-1] in _CREDIT_FIELDS for e in listed):
         return InvalidAmount(
             "credits and quantities are whole numbers from 1 to 2^53", errors=listed
+        )
+    if listed and all(e["loc"] == ["header", "Idempotency-Key"] for e in listed):
+        # The same code as the keys the use cases refuse (an empty one, say).
+        return InvalidIdempotencyKey(
+            f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX_LENGTH} printable characters",
+            errors=listed,
         )
     return InvalidInput("the request does not match the API", errors=listed)
 
@@ -88,6 +104,7 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     app.state.tally = tally
     app.add_middleware(Edge, metrics=metrics)
     app.include_router(v1.router)
+    app.include_router(commerce.router)
 
     @app.exception_handler(TallyError)
     async def refused(request: Request, error: TallyError) -> Response:
@@ -104,7 +121,13 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
             404: NotFound("no such endpoint"),
             405: MethodNotAllowed(f"{request.method} is not allowed here"),
         }
-        return _problem(known.get(error.status_code, InternalError()), request)
+        # A 405 keeps Starlette's Allow header: RFC 9110 requires it.
+        allow = (
+            {"Allow": error.headers["Allow"]}
+            if error.headers and "Allow" in error.headers
+            else None
+        )
+        return _problem(known.get(error.status_code, InternalError()), request, allow)
 
     @app.get("/healthz", response_model=schemas.Health, tags=["operations"])
     def healthz() -> Response:

@@ -76,10 +76,7 @@ class Edge:
                 )
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            path = (
-                getattr(route, "path", None) or "unmatched"
-            )  # never the raw path: it may hold a code
+            path = _route_of(scope)
             method = scope["method"]
             self.metrics.observe(method, path, status, elapsed)
             log.info(
@@ -91,6 +88,18 @@ class Edge:
                 duration_ms=round(elapsed * 1000, 2),
                 platform_id=scope["state"].get("platform_id"),
             )
+
+
+def _route_of(scope: Scope) -> str:
+    """The matched route's template, never the raw path (it may hold a code). FastAPI puts
+    its own routes in the scope; /openapi.json and /docs are plain Starlette routes, which
+    leave only their endpoint there."""
+    route = scope.get("route")
+    endpoint = scope.get("endpoint")
+    if route is None and endpoint is not None and "app" in scope:
+        found = (r for r in scope["app"].routes if getattr(r, "endpoint", None) is endpoint)
+        route = next(found, None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
