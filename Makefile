@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TALLY_DATABASE_URL ?= sqlite:///./var/tally.db
 
-.PHONY: run tour test lint unit integration bench clean
+.PHONY: run tour test chromium lint unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ tour: $(STAMP)
 	$(BIN)/tally migrate
 	bash scripts/tour.sh
 
+# Chromium for the browser tests (Debian's package: Playwright drives the system browser).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium) || echo "no Chromium: the browser tests will skip"
+
 # Every test: lint, types, unit, integration (SQLite and PostgreSQL), end to end.
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy

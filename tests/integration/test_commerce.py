@@ -276,3 +276,39 @@ def test_concurrent_pings_make_one_order_and_concurrent_redemptions_one_lot(
     assert outcomes.count("refused") == 15
     uow = SqlUnitOfWork(pooled, clock)
     assert ledger.check(uow).violations == []
+
+
+@pytest.mark.slow
+def test_ten_thousand_random_codes_hit_nothing_and_guessers_are_locked_out(
+    uow: SqlUnitOfWork, clock: FakeClock
+) -> None:
+    for n in range(20):
+        commerce.fulfil(_sale(clock, f"stock-{n}"), uow, pepper=PEPPER, links=LINKS)
+    hits = 0
+    for n in range(10_000):
+        try:
+            commerce.redeem(
+                commerce.Redeem(
+                    code=codes.new_code(), account_id=f"guesser-{n}", idempotency_key=f"{n}"
+                ),
+                uow,
+                pepper=PEPPER,
+            )
+        except CodeInvalidOrUsed:
+            continue
+        hits += 1
+    assert hits == 0
+    # One guesser alone is stopped after ten tries, whatever codes it tries next.
+    outcomes = []
+    for n in range(12):
+        try:
+            commerce.redeem(
+                commerce.Redeem(
+                    code=codes.new_code(), account_id="one-guesser", idempotency_key=f"o{n}"
+                ),
+                uow,
+                pepper=PEPPER,
+            )
+        except (CodeInvalidOrUsed, RateLimited) as refused:
+            outcomes.append(refused.code)
+    assert outcomes == ["code_invalid_or_used"] * 10 + ["rate_limited"] * 2
