@@ -550,6 +550,8 @@ def test_health_openapi_and_docs_need_no_key(server: Server) -> None:
         ("GET", "/v1/tools"),
         ("GET", "/v1/packages"),
         ("GET", "/v1/plans"),
+        ("POST", "/v1/redemptions"),
+        ("GET", "/v1/codes/{code}"),
     }
     grant_body = spec["components"]["schemas"]["GrantIn"]
     assert grant_body["additionalProperties"] is False

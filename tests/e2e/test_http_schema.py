@@ -38,6 +38,10 @@ OPERATIONS = [
     "GET /v1/tools",
     "GET /v1/packages",
     "GET /v1/plans",
+    "POST /v1/redemptions",
+    "GET /v1/codes/{code}",
+    "POST /webhooks/gumroad/{token}",
+    "POST /webhooks/stripe",
     "GET /healthz",
     "GET /metrics",
 ]
