@@ -144,12 +144,14 @@ class FastStatement:
             return tuple(encode(merged[name]) for name in compiled.positions)
         return {name: encode(value) for name, value in merged.items()}
 
-    def execute(self, connection: Connection, params: dict[str, Any]) -> None:
-        """Run a statement that returns no rows."""
+    def execute(self, connection: Connection, params: dict[str, Any]) -> int:
+        """Run a statement that returns no rows; answers how many rows it changed."""
         compiled = self._compiled(connection)
-        _write_cursor(connection).execute(
+        cursor = _write_cursor(connection).execute(
             compiled.sql, self._arguments(compiled, connection, params)
         )
+        changed: int = cursor.rowcount
+        return changed
 
     def execute_many(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
         if len(rows) == 1:
