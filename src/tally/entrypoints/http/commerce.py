@@ -31,7 +31,14 @@ from tally.domain.errors import (
 )
 from tally.domain.keys import Principal
 from tally.entrypoints.http import schemas
-from tally.entrypoints.http.v1 import ERRORS, Caller, IdempotencyKey, json_response, tally_of
+from tally.entrypoints.http.v1 import (
+    ERRORS,
+    Caller,
+    IdempotencyKey,
+    json_response,
+    tally_dependency,
+    tally_of,
+)
 from tally.entrypoints.views import lot_view
 from tally.service import commerce, ledger
 
@@ -41,7 +48,7 @@ _pages = Environment(
     autoescape=select_autoescape(enabled_extensions=("html.j2",)),
 )
 
-App = Annotated[Tally, Depends(tally_of)]
+App = Annotated[Tally, Depends(tally_dependency)]
 Spend = Annotated[Principal, Depends(Caller("spend"))]
 Support = Annotated[Principal, Depends(Caller("support"))]
 
