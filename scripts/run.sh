@@ -4,6 +4,8 @@
 set -euo pipefail
 tally=".venv/bin/tally"
 port="${TALLY_PORT:-8000}"
+# Links in emails and the sandbox's own webhook point here.
+export TALLY_PUBLIC_URL="${TALLY_PUBLIC_URL:-http://127.0.0.1:${port}}"
 mkdir -p var
 $tally migrate
 if [ ! -s var/demo.key ]; then
@@ -15,6 +17,9 @@ cat <<INFO
 
   Tally is starting on http://127.0.0.1:${port}
   API docs:      http://127.0.0.1:${port}/docs
+  Buy (sandbox): http://127.0.0.1:${port}/checkout/pro
+  Mailbox:       http://127.0.0.1:${port}/dev/mailbox
+  Redeem:        http://127.0.0.1:${port}/redeem
   Demo API key:  ${key}   (also in var/demo.key)
 
   Try it:
