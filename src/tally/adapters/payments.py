@@ -201,7 +201,8 @@ def stripe_line_items(
             client = stripe.StripeClient(
                 api_key, base_addresses={"api": api_base} if api_base else None
             )
-            data = list(client.checkout.sessions.line_items.list(str(session["id"])).data)
+            listed = client.checkout.sessions.line_items.list(str(session["id"]))
+            data = [item.to_dict() for item in listed.data]  # plain JSON, as from the event
         except stripe.StripeError as error:
             raise ProcessorUnavailable(str(error)[:200]) from error
     found = []
