@@ -1,15 +1,17 @@
 """HTTP debit throughput and latency, measured as a ratio against the in-process rate in one run.
 
-For each database it first measures bench/ledger.py's Tally path in-process (the `debit` use
-case, 8 threads sharing one group commit, 1,000 seeded accounts), then runs real servers as an
-operator does: `tally migrate`, `tally platforms create bench --scopes read,spend,grant` (the
-key is its last line), `tally serve --workers N` on a free port (SQLite: 1; PostgreSQL: 1, and
-2 = the documented production command on this 2-core machine, one process per core), each on
-a fresh database or schema, dropped after, the server stopped however the run ends. It grants
-1,000 accounts a large lot through `POST /v1/accounts/{id}/grants`, vacuums, and then sends
-`POST /v1/accounts/{id}/debits` `{"amount": 1}` with a fresh `Idempotency-Key` to random
-accounts over keep-alive connections: 1 client, 32 clients (each sends again as soon as it has
-its answer), and 32 clients paced to half the 32-client rate. Each gets a warm-up first.
+It runs real servers as an operator runs them: `tally migrate`, `tally platforms create bench
+--scopes read,spend,grant` (the key is its last line), then `tally serve --workers N` on a free
+port. SQLite: 1 process, as `make run` has it. PostgreSQL: README's production setup
+(`TALLY_ENV=production TALLY_WORKER=off`, about two processes per core: `--workers 4` on this
+2-core machine, the command the targets are judged on), and beside it 1 process and one per
+core. Each server gets a fresh database or schema, dropped after, and is stopped however the run
+ends. Just before each server, bench/ledger.py's Tally path runs in-process on the same kind of
+database (the `debit` use case, 8 threads sharing one group commit, the same 1,000 accounts):
+that rate is the denominator. Through the API it grants the 1,000 accounts a large lot, vacuums,
+then sends `POST /v1/accounts/{id}/debits {"amount": 1}`, each with a fresh `Idempotency-Key`,
+to random accounts over keep-alive connections: 1 client, 32 clients (each sends again as soon
+as it has its answer), and 32 clients paced to half the 32-client rate, each after a warm-up.
 
     .venv/bin/python bench/http.py [--seconds 5] [--only sqlite|postgresql] [--client raw|httpx]
 
@@ -21,7 +23,9 @@ under 50 ms at p99 need well over 640 debits/s. The paced run, whose latencies c
 scheduled send time, is the latency at a load the server can keep up with. On the progress
 lines, `cpu/req` is CPU time per debit: `client` of this process, `server` of the `tally serve`
 processes, `machine` of all cores (PostgreSQL and anything else running included); when
-`machine` x rate nears the core count, the run is CPU bound.
+`machine` x rate nears the core count, the run is CPU bound. CPU per debit is steadier than
+rates on a shared machine: in-process `this process` against HTTP `server` is the cost of
+the HTTP layer.
 
 The load generator is one asyncio loop with raw keep-alive HTTP/1.1 connections (asyncio
 streams, one request in flight each, Content-Length bodies only: what uvicorn sends). Measured
@@ -74,12 +78,21 @@ from sqlalchemy.engine import make_url
 from tally.adapters.db.engine import Database, connect
 
 ACCOUNTS = 1_000
+#: README's production environment: no worker jobs in the API processes (one `tally worker`
+#: runs them; the sweep has nothing to do here, so it is left out).
+PRODUCTION_SETTINGS = {
+    "TALLY_ENV": "production",
+    "TALLY_WORKER": "off",
+    "TALLY_SECRET_KEY": secrets.token_urlsafe(32),
+}
 IN_PROCESS_THREADS = 8
 CLIENTS = (1, 32)
 #: The paced run offers this share of the rate the 32 clients reached as fast as answered.
 PACED_SHARE = 0.5
-#: `tally serve --workers N` on PostgreSQL: one process per core of this 2-core machine.
-PRODUCTION_WORKERS = 2
+#: `tally serve --workers N` on PostgreSQL as README's "Deploying on PostgreSQL" has it: about
+#: two processes per core. One process, and one per core, are measured beside it.
+PRODUCTION_WORKERS = 2 * (os.cpu_count() or 1)
+PG_WORKERS = tuple(sorted({1, os.cpu_count() or 1, PRODUCTION_WORKERS}))
 STOCK = 10**12
 TALLY = str(Path(sys.executable).with_name("tally"))
 READY_TIMEOUT = 60.0
@@ -87,7 +100,7 @@ STOP_TIMEOUT = 15.0
 DEBIT_BODY = b'{"amount":1}'
 
 
-# --- CPU accounting (Linux /proc; NaN elsewhere) ---------------------------------------------
+# --- CPU accounting (Linux /proc) ------------------------------------------------------------
 
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -190,10 +203,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def serve(database_url: str, workers: int, directory: str) -> Iterator[Server]:
+def serve(
+    database_url: str, workers: int, directory: str, settings: dict[str, str] | None = None
+) -> Iterator[Server]:
     """Migrate, create the platform and its key, and run `tally serve --workers N` until the
     block ends, however it ends."""
-    env = {**os.environ, "TALLY_DATABASE_URL": database_url}
+    env = {**os.environ, **(settings or {}), "TALLY_DATABASE_URL": database_url}
     tally(env, directory, "migrate")
     created = tally(env, directory, "platforms", "create", "bench", "--scopes", "read,spend,grant")
     key = created.strip().splitlines()[-1]
@@ -440,11 +455,17 @@ class Row:
 
 
 def in_process_rate(db: Database, names: list[str], seconds: float, label: str) -> float:
-    seed(db, names)
-    settle(db)
+    """bench/ledger.py's Tally path on `db` (seeded), after a warm-up."""
     rate(tally_workers(db), db, names, IN_PROCESS_THREADS, min(1.0, seconds))  # warm-up
+    cpu, machine = time.process_time(), _machine_cpu()
     found = rate(tally_workers(db), db, names, IN_PROCESS_THREADS, seconds)
-    print(f"[{label}] in-process, {IN_PROCESS_THREADS} threads: {found:8.0f} debits/s", flush=True)
+    cpu, machine = time.process_time() - cpu, _machine_cpu() - machine
+    print(
+        f"[{label}] in-process, {IN_PROCESS_THREADS} threads: {found:6.0f} debits/s  cpu/req: "
+        f"this process {cpu / (found * seconds) * 1e6:5.0f} us, "
+        f"machine {machine / (found * seconds) * 1e6:5.0f} us",
+        flush=True,
+    )
     return found
 
 
@@ -456,9 +477,15 @@ class Plan:
 
 
 def over_http(
-    kind: str, database_url: str, workers: int, command: str, plan: Plan, directory: str
+    kind: str,
+    database_url: str,
+    workers: int,
+    command: str,
+    plan: Plan,
+    directory: str,
+    settings: dict[str, str] | None = None,
 ) -> list[Load]:
-    with serve(database_url, workers, directory) as server:
+    with serve(database_url, workers, directory, settings) as server:
         send_all(server, plan.client, grant_request(plan.names), len(plan.names))
         db = connect(database_url, pool_size=1)
         try:
@@ -499,6 +526,8 @@ def postgres_schema_url() -> Iterator[str]:
 def bench_sqlite(plan: Plan) -> list[Row]:
     with tempfile.TemporaryDirectory() as directory:
         with sqlite_database(directory) as db:
+            seed(db, plan.names)
+            settle(db)
             reference = in_process_rate(db, plan.names, plan.seconds, "sqlite")
         url = f"sqlite:///{directory}/http.db"
         loads = over_http("sqlite", url, 1, "tally serve", plan, directory)
@@ -506,14 +535,20 @@ def bench_sqlite(plan: Plan) -> list[Row]:
 
 
 def bench_postgresql(plan: Plan) -> list[Row]:
-    with postgres_database() as db:
-        reference = in_process_rate(db, plan.names, plan.seconds, "postgresql")
+    """The in-process rate is measured again just before each server, so that each ratio's two
+    sides are measured minutes, not a quarter of an hour, apart."""
     rows: list[Row] = []
-    for workers in (1, PRODUCTION_WORKERS):
-        command = f"tally serve --workers {workers}"
-        with tempfile.TemporaryDirectory() as directory, postgres_schema_url() as url:
-            loads = over_http("postgresql", url, workers, command, plan, directory)
-        rows.extend(Row("postgresql", command, load, reference) for load in loads)
+    with postgres_database() as db:
+        seed(db, plan.names)
+        settle(db)
+        for workers in PG_WORKERS:
+            reference = in_process_rate(db, plan.names, plan.seconds, "postgresql")
+            command = f"tally serve --workers {workers}"
+            with tempfile.TemporaryDirectory() as directory, postgres_schema_url() as url:
+                loads = over_http(
+                    "postgresql", url, workers, command, plan, directory, PRODUCTION_SETTINGS
+                )
+            rows.extend(Row("postgresql", command, load, reference) for load in loads)
     return rows
 
 
@@ -565,7 +600,7 @@ def main() -> None:
         if load.clients != max(CLIENTS):
             continue
         lines = (
-            verdict(f"{label}: HTTP / in-process debit rate", row.ratio, 0.50),
+            verdict(f"{label}: HTTP / in-process debit rate, %", row.ratio * 100, 50),
             verdict(f"{label}: p99 ms", load.p99_ms, 50, higher=False),
         )
         for line in lines:
