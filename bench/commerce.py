@@ -5,10 +5,11 @@ For each database (SQLite, PostgreSQL) it measures, for a fixed time each:
 - `debit`: bench/ledger.py's Tally path (8 threads, one group commit): the ledger's own pace;
 - `fulfil in-process`: 8 threads calling the `fulfil` use case with fresh sale ids (an order,
   a code and an outbox row per sale, one transaction each);
-- `fulfil over HTTP`: Gumroad-format pings (form-encoded, as Gumroad sends them) posted by 8
-  keep-alive clients to a real `tally serve` (`--workers 2` on PostgreSQL, the documented
-  production command on this 2-core machine; 1 on SQLite), counted from the first byte sent
-  to the 200 that follows the committed outbox row;
+- `fulfil over HTTP`: Gumroad-format pings (as JSON, which the webhook takes beside the form
+  encoding Gumroad uses) from 8 keep-alive connections of bench/http.py's raw client to a real
+  `tally serve` (on PostgreSQL two processes per core, the documented production command, as
+  in bench/http.py; 1 on SQLite), counted from the first byte sent to the 200 that follows
+  the committed outbox row;
 - `redeem in-process`: 8 threads redeeming codes made beforehand (each a lot on a new account).
 
     .venv/bin/python bench/commerce.py [--seconds 5] [--only sqlite|postgresql]
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import secrets
 import subprocess
@@ -40,8 +42,17 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import httpx
-from bench.http import _healthy, _stop, free_port, postgres_schema_url, tally
+from bench.http import (
+    PRODUCTION_WORKERS,
+    Post,
+    Server,
+    _healthy,
+    _stop,
+    free_port,
+    postgres_schema_url,
+    raw_clients,
+    tally,
+)
 from bench.ledger import postgres_database, rate, seed, settle, sqlite_database, tally_workers
 from sqlalchemy import select
 
@@ -59,7 +70,6 @@ HTTP_CLIENTS = 8
 ACCOUNTS = 1_000
 CODES_STOCK = 20_000
 TARGET_FULFILMENTS = 300.0
-PRODUCTION_WORKERS = 2
 TOKEN = "bench-token"
 SELLER = "bench-seller"
 PEPPER = codes.pepper("bench secret")
@@ -142,8 +152,8 @@ def redeem_rate(db: Database, seconds: float, stock: int) -> float:
 
 
 @contextmanager
-def shop(database_url: str, workers: int, directory: str) -> Iterator[str]:
-    """`tally serve` selling through Gumroad pings; its base URL."""
+def shop(database_url: str, workers: int, directory: str) -> Iterator[Server]:
+    """`tally serve` selling through Gumroad pings."""
     env = {
         **os.environ,
         "TALLY_DATABASE_URL": database_url,
@@ -151,6 +161,7 @@ def shop(database_url: str, workers: int, directory: str) -> Iterator[str]:
         "TALLY_GUMROAD_WEBHOOK_TOKEN": TOKEN,
         "TALLY_GUMROAD_SELLER_ID": SELLER,
         "TALLY_SECRET_KEY": "bench secret",
+        "TALLY_ENV": "production",
         "TALLY_WORKER": "off",  # the outbox row is the finish line; sending is another job
     }
     tally(env, directory, "migrate")
@@ -171,19 +182,22 @@ def shop(database_url: str, workers: int, directory: str) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"tally serve did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield Server(process, f"http://127.0.0.1:{port}", "", workers, log)
     finally:
         _stop(process)
 
 
-def webhook_rate(base_url: str, seconds: float) -> float:
+def webhook_rate(server: Server, seconds: float) -> float:
+    """Pings (JSON, which the webhook takes beside Gumroad's form encoding) from HTTP_CLIENTS
+    keep-alive connections of bench/http.py's raw client, which costs the server's cores less
+    than httpx would."""
     prefix = secrets.token_hex(4)
     counter = itertools.count()
-    url = f"{base_url}/webhooks/gumroad/{TOKEN}"
+    path = f"/webhooks/gumroad/{TOKEN}"
 
-    def ping(n: int) -> dict[str, str]:
+    def ping(n: int) -> bytes:
         sale = f"{prefix}-{n}"
-        return {
+        fields = {
             "seller_id": SELLER,
             "sale_id": sale,
             "product_permalink": "https://bench.gumroad.com/l/pro",
@@ -193,24 +207,25 @@ def webhook_rate(base_url: str, seconds: float) -> float:
             "quantity": "1",
             "resource_name": "sale",
         }
+        return json.dumps(fields).encode()
 
     async def run() -> float:
-        limits = httpx.Limits(max_connections=HTTP_CLIENTS, max_keepalive_connections=HTTP_CLIENTS)
-        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async with raw_clients(server, HTTP_CLIENTS) as posts:
             for _ in range(20):  # warm up
-                (await client.post(url, data=ping(next(counter)))).raise_for_status()
+                status, body = await posts[0](path, ping(next(counter)), "-")
+                assert status == 200, body
             done = 0
             stop_at = time.perf_counter() + seconds
 
-            async def one_client() -> None:
+            async def one_client(post: Post) -> None:
                 nonlocal done
                 while time.perf_counter() < stop_at:
-                    answer = await client.post(url, data=ping(next(counter)))
-                    answer.raise_for_status()
+                    status, body = await post(path, ping(next(counter)), "-")
+                    assert status == 200, body
                     done += 1
 
             began = time.perf_counter()
-            await asyncio.gather(*(one_client() for _ in range(HTTP_CLIENTS)))
+            await asyncio.gather(*(one_client(post) for post in posts))
             return done / (time.perf_counter() - began)
 
     return asyncio.run(run())
@@ -245,9 +260,9 @@ def measure(
     with (
         shop_url() as url,
         tempfile.TemporaryDirectory() as directory,
-        shop(url, workers, directory) as base,
+        shop(url, workers, directory) as server,
     ):
-        webhook = webhook_rate(base, seconds)
+        webhook = webhook_rate(server, seconds)
     print(f"[{kind}] fulfil over HTTP ({workers} proc) {webhook:8.0f}/s", flush=True)
     return Row(kind, debit, fulfil, webhook, redeem)
 
