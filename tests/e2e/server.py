@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import postgres_schema
+from tests.support import free_port, postgres_schema
 
 TALLY = str(Path(sys.executable).parent / "tally")
 ALL_SCOPES = "read,spend,grant,support,admin"
@@ -36,13 +35,6 @@ for args in json.loads(sys.argv[1]):
     if code:
         sys.exit(code)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:

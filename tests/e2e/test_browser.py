@@ -13,7 +13,8 @@ import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from tests.conftest import DATABASES
-from tests.e2e.server import free_port, running
+from tests.e2e.server import running
+from tests.support import free_port
 
 CHROMIUM = os.environ.get("TALLY_TEST_CHROMIUM") or shutil.which("chromium")
 CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")

@@ -17,8 +17,7 @@ from sqlalchemy import create_engine, text
 
 from tally.adapters.db.engine import normalise_url
 from tests.conftest import DATABASES
-from tests.e2e.server import free_port
-from tests.support import postgres_schema
+from tests.support import free_port, postgres_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 TALLY = str(Path(sys.executable).parent / "tally")

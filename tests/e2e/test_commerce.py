@@ -11,19 +11,17 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from email import message_from_bytes, policy
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import Envelope, Session
 
 from tally.domain import codes
 from tests.conftest import DATABASES
-from tests.e2e.server import Server, free_port, running
+from tests.e2e.server import Server, running
+from tests.mailserver import Inbox, smtp_server
+from tests.support import free_port
 
 TOKEN = "gumroad-path-token"
 SELLER = "seller-42"
@@ -31,34 +29,10 @@ STRIPE_SECRET = "whsec_test_secret"
 CODE = re.compile(r"\b[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}\b")
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        parsed = message_from_bytes(envelope.original_content or b"", policy=policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append(parsed)
-        return "250 OK"
-
-    def wait_for(self, count: int, timeout: float = 20) -> list[EmailMessage]:
-        deadline = time.monotonic() + timeout
-        while len(self.messages) < count:
-            assert time.monotonic() < deadline, f"{len(self.messages)} of {count} emails arrived"
-            time.sleep(0.1)
-        return self.messages
-
-
 @pytest.fixture(scope="module")
 def inbox() -> Iterator[tuple[Inbox, int]]:
-    box = Inbox()
-    port = free_port()
-    controller = Controller(box, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield box, port
-    finally:
-        controller.stop()
+    with smtp_server() as found:
+        yield found
 
 
 @pytest.fixture(scope="module", params=DATABASES)

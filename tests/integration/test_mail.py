@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from email import message_from_bytes, policy
-from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import Envelope, Session
 
 from tally.adapters.mail import MailboxSender, SmtpSender, Templates
 from tally.service.ports import Email, MailRefused, MailTemporary
+from tests.mailserver import Inbox, smtp_server
+from tests.support import free_port
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 CONTEXT = {
@@ -30,38 +26,10 @@ CONTEXT = {
 }
 
 
-class Inbox:
-    def __init__(self, refuse: bool = False) -> None:
-        self.messages: list[EmailMessage] = []
-        self.refuse = refuse
-
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        if self.refuse:
-            return "550 mailbox unavailable"
-        content = envelope.original_content or b""
-        parsed = message_from_bytes(content, policy=policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append(parsed)
-        return "250 OK"
-
-
 @pytest.fixture
 def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    port = _free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield inbox, port
-    finally:
-        controller.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    with smtp_server() as found:
+        yield found
 
 
 def _email(kind: str = "purchase_code") -> Email:
@@ -112,7 +80,7 @@ def test_a_refusal_is_final_and_an_outage_is_temporary(smtp: tuple[Inbox, int]) 
     with pytest.raises(MailRefused):
         SmtpSender(f"smtp://127.0.0.1:{port}").send(_email(), NOW)
     with pytest.raises(MailTemporary):
-        SmtpSender(f"smtp://127.0.0.1:{_free_port()}").send(_email(), NOW)
+        SmtpSender(f"smtp://127.0.0.1:{free_port()}").send(_email(), NOW)
 
 
 def test_smtp_urls_are_checked() -> None:

@@ -5,6 +5,7 @@ its own process."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Final
 
 import structlog
@@ -15,24 +16,38 @@ from tally.service import commerce, ledger
 
 log = structlog.get_logger("tally.worker")
 
-#: How often the worker wakes: email goes out within this, and the sweep writes down expired
-#: lots and lapsed holds (balances never wait for it, rule 2; it only records the entries).
-SWEEP_EVERY_SECONDS: Final = 2.0
+#: How often the worker wakes to send due email: a buyer waits at most this for the code.
+MAIL_EVERY_SECONDS: Final = 2.0
+#: How often the sweep writes down expired lots and lapsed holds. Balances never wait for it
+#: (rule 2); it only records the entries, so it need not run on every wake.
+SWEEP_EVERY_SECONDS: Final = 60.0
 
 
 class Worker:
-    def __init__(self, tally: Tally, *, every: float = SWEEP_EVERY_SECONDS) -> None:
-        assert every > 0
+    def __init__(
+        self,
+        tally: Tally,
+        *,
+        every: float = MAIL_EVERY_SECONDS,
+        sweep_every: float = SWEEP_EVERY_SECONDS,
+    ) -> None:
+        assert 0 < every <= sweep_every
         self.tally = tally
         self.every = every
+        self.sweep_every = sweep_every
+        self._next_sweep = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def run_once(self) -> ledger.SweepResult:
+    def run_once(self) -> ledger.SweepResult | None:
+        """Send due email; sweep when its time has come (answers the sweep's result, if any)."""
         tally = self.tally
         sent = commerce.deliver_mail(tally.uow(), tally.mailer, tally.templates, tally.links)
         if sent != commerce.Delivery():
             log.info("mail", sent=sent.sent, retried=sent.retried, failed=sent.failed)
+        if time.monotonic() < self._next_sweep:
+            return None
+        self._next_sweep = time.monotonic() + self.sweep_every
         result = ledger.sweep(tally.uow())
         if result.accounts:
             log.info(
@@ -48,9 +63,9 @@ class Worker:
             try:
                 self.run_once()
             except TallyError as error:  # a database outage: try again next round
-                log.warning("sweep_failed", code=error.code, detail=error.detail)
-            except Exception:  # a bug must not stop every later sweep
-                log.exception("sweep_crashed")
+                log.warning("worker_failed", code=error.code, detail=error.detail)
+            except Exception:  # a bug must not stop every later round
+                log.exception("worker_crashed")
             self._stop.wait(self.every)
 
     def start(self) -> None:

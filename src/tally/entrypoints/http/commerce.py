@@ -23,7 +23,6 @@ from tally.domain.commerce import Sale
 from tally.domain.errors import (
     CodeInvalidOrUsed,
     DatabaseUnavailable,
-    IdempotencyKeyRequired,
     InvalidInput,
     NotFound,
     RateLimited,
@@ -36,6 +35,7 @@ from tally.entrypoints.http.v1 import (
     Caller,
     IdempotencyKey,
     json_response,
+    require_key,
     tally_dependency,
     tally_of,
 )
@@ -201,15 +201,14 @@ def redeem(
         Header(alias="X-Client-Address", max_length=64, description="the person's IP address"),
     ] = None,
 ) -> Response:
-    if idempotency_key is None:
-        raise IdempotencyKeyRequired("send an Idempotency-Key header with every POST")
+    key = require_key(idempotency_key)
     unit = tally.uow()
     lot = commerce.redeem(
         commerce.Redeem(
             code=body.code,
             account_id=body.account_id,
             client_address=client_address,
-            idempotency_key=idempotency_key,
+            idempotency_key=key,
             platform_id=who.platform_id,
         ),
         unit,

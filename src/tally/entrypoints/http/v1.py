@@ -106,7 +106,7 @@ def _answer(data: Any, unit: UnitOfWork, status: int = 200) -> Response:
     return json_response(data, status, replayed=unit.replayed)
 
 
-def _key(given: str | None) -> str:
+def require_key(given: str | None) -> str:
     if given is None:
         raise IdempotencyKeyRequired("send an Idempotency-Key header with every POST")
     return values.idempotency_key(given)
@@ -194,7 +194,7 @@ def grant(
     who: Grant,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    key = _key(idempotency_key)
+    key = require_key(idempotency_key)
     expires_at = None if body.expires_at is None else values.parse_time(body.expires_at)
     unit = tally.uow()
     lot = ledger.grant(
@@ -223,7 +223,7 @@ def void(
     who: Support,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    key = _key(idempotency_key)
+    key = require_key(idempotency_key)
     unit = tally.uow()
     lot = ledger.void_lot(
         ledger.VoidLot(
@@ -251,7 +251,7 @@ def hold(
     who: Spend,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    key = _key(idempotency_key)
+    key = require_key(idempotency_key)
     amount, tool, quantity = _priced(tally, body)
     unit = tally.uow()
     placed = ledger.place_hold(
@@ -278,7 +278,7 @@ def capture(
     body: Annotated[schemas.CaptureIn | None, Body()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    key = _key(idempotency_key)
+    key = require_key(idempotency_key)
     unit = tally.uow()
     captured = ledger.capture(
         ledger.CaptureHold(
@@ -301,7 +301,7 @@ def release(
     body: Annotated[schemas.ReleaseIn | None, Body()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    key = _key(idempotency_key)
+    key = require_key(idempotency_key)
     unit = tally.uow()
     released = ledger.release(
         ledger.ReleaseHold(
@@ -329,7 +329,7 @@ def debit(
     who: Spend,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    key = _key(idempotency_key)
+    key = require_key(idempotency_key)
     amount, tool, quantity = _priced(tally, body)
     unit = tally.uow()
     done = ledger.debit(
