@@ -201,6 +201,13 @@ class ApiKeyNotFound(NotFound):
     title = "API key not found"
 
 
+class OrderNotFound(NotFound):
+    """No order has this id."""
+
+    code = "order_not_found"
+    title = "Order not found"
+
+
 # --- wrong state -----------------------------------------------------------------------------
 
 
@@ -305,6 +312,77 @@ class PlatformExists(Conflict):
 
     code = "platform_exists"
     title = "Platform exists"
+
+
+# --- money back and support (rules 8-10) --------------------------------------------------------
+
+
+class RefundRefused(Conflict):
+    """Rule 9 does not allow this refund. 409; the subclass's `code` says why."""
+
+    code = "refund_refused"
+    title = "Refund refused"
+
+
+class RefundWindowPassed(RefundRefused):
+    """Rule 9: the order is older than `refund_window_days`, or refunds are off (0 days)."""
+
+    code = "refund_window_passed"
+    title = "Refund window passed"
+
+
+class CreditsUsed(RefundRefused):
+    """Rule 9: some of the order's credits were spent or are held for a job."""
+
+    code = "credits_used"
+    title = "Credits already used"
+
+
+class AlreadyRefunded(RefundRefused):
+    """The order was refunded (or disputed) already."""
+
+    code = "already_refunded"
+    title = "Already refunded"
+
+
+class OrderReversed(Conflict):
+    """The order was refunded or disputed, so its code cannot be reissued or resent."""
+
+    code = "order_reversed"
+    title = "Order refunded or disputed"
+
+
+class CodeAlreadyRedeemed(Conflict):
+    """The order's code was redeemed: its credits are on an account, there is nothing to
+    replace."""
+
+    code = "code_already_redeemed"
+    title = "Code already redeemed"
+
+
+class ProcessorFailed(TallyError):
+    """The payment processor refused or could not be reached; nothing changed in Tally. 502."""
+
+    code = "processor_failed"
+    status = 502
+    title = "Payment processor failed"
+
+
+class SignInFailed(TallyError):
+    """Support console: the email or password is wrong (one answer for both). 401."""
+
+    code = "sign_in_failed"
+    status = 401
+    title = "Sign-in failed"
+
+
+class CsrfRejected(TallyError):
+    """Support console: a form came without this session's CSRF token, or from another
+    site. 403."""
+
+    code = "csrf_rejected"
+    status = 403
+    title = "Cross-site request refused"
 
 
 class DatabaseUnavailable(TallyError):
