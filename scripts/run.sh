@@ -20,6 +20,8 @@ cat <<INFO
   Buy (sandbox): http://127.0.0.1:${port}/checkout/pro
   Mailbox:       http://127.0.0.1:${port}/dev/mailbox
   Redeem:        http://127.0.0.1:${port}/redeem
+  Lost code:     http://127.0.0.1:${port}/lost-code
+  Support:       http://127.0.0.1:${port}/admin   (make a staff member: .venv/bin/tally staff create EMAIL)
   Demo API key:  ${key}   (also in var/demo.key)
 
   Try it:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
-from tally.adapters import catalog_file
+from tally.adapters import catalog_file, refunds
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.adapters.mail import MailboxSender, SmtpSender, Templates
@@ -22,7 +22,7 @@ from tally.domain.catalog import Catalog
 from tally.domain.errors import InvalidInput
 from tally.service.commerce import Links
 from tally.service.group_commit import GroupCommit
-from tally.service.ports import Clock, Mailer
+from tally.service.ports import Clock, Mailer, RefundGateway
 
 SECRET_FILE = Path("var/secret.key")
 #: The sandbox's stand-in for Gumroad's seller id, so its pings pass the same checks.
@@ -60,7 +60,7 @@ class Tally:
     @cached_property
     def mailer(self) -> Mailer:
         if self.settings.smtp_url:
-            return SmtpSender(self.settings.smtp_url)
+            return SmtpSender(self.settings.smtp_url, self.settings.smtp_ca_file)
         return MailboxSender(self.settings.mailbox_dir)
 
     @cached_property
@@ -84,6 +84,12 @@ class Tally:
         if self.settings.gumroad_seller_id:
             return self.settings.gumroad_seller_id
         return SANDBOX_SELLER_ID if self.settings.payments == "sandbox" else ""
+
+    # --- refunds and disputes (issue 5, engineer A)
+    @cached_property
+    def refund_gateway(self) -> RefundGateway:
+        """Where refunds go: each order is refunded by the processor that sold it."""
+        return refunds.gateway(self.settings)
 
     def uow(self) -> SqlUnitOfWork:
         """A unit of work whose changes share transactions with concurrent ones."""

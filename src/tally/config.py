@@ -31,6 +31,9 @@ class Settings:
     #: `sandbox` (the default), `gumroad` or `stripe`: where /checkout sends buyers.
     payments: str = "sandbox"
     smtp_url: str | None = None
+    #: A PEM file of the CAs to trust for the SMTP server instead of the system's
+    #: (TALLY_SMTP_CA_FILE), for a server whose certificate a private CA signed.
+    smtp_ca_file: Path | None = None
     mail_from: str = "Tally <credits@localhost>"
     mailbox_dir: Path = Path("var/mailbox")
     gumroad_webhook_token: str = ""
@@ -42,6 +45,12 @@ class Settings:
     stripe_api_base: str | None = None
     #: Failed redemptions allowed per account and per client address per hour (rule 11).
     redeem_failures_per_hour: int = 10
+    # --- lost codes and reconciliation (issue 5, engineer B)
+    #: /lost-code requests allowed per client address per hour (TALLY_LOST_CODE_PER_HOUR).
+    lost_code_requests_per_hour: int = 5
+    #: How often the worker asks the processors for sales Tally missed, in seconds
+    #: (TALLY_RECONCILE_INTERVAL_SECONDS; default hourly, 0 turns the job off).
+    reconcile_interval_seconds: int = 3600
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -49,6 +58,7 @@ class Settings:
         if worker not in WORKER_MODES:
             raise InvalidInput(f"TALLY_WORKER is one of {', '.join(WORKER_MODES)}")
         config = os.environ.get("TALLY_CONFIG")
+        smtp_ca_file = os.environ.get("TALLY_SMTP_CA_FILE")
         env = os.environ.get("TALLY_ENV", "development")
         payments = os.environ.get("TALLY_PAYMENTS", "sandbox")
         if payments not in PAYMENTS:
@@ -63,6 +73,7 @@ class Settings:
             public_url=os.environ.get("TALLY_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
             payments=payments,
             smtp_url=os.environ.get("TALLY_SMTP_URL") or None,
+            smtp_ca_file=Path(smtp_ca_file) if smtp_ca_file else None,
             mail_from=os.environ.get("TALLY_MAIL_FROM", "Tally <credits@localhost>"),
             mailbox_dir=Path(os.environ.get("TALLY_MAILBOX_DIR", "var/mailbox")),
             gumroad_webhook_token=os.environ.get("TALLY_GUMROAD_WEBHOOK_TOKEN", ""),
@@ -75,6 +86,10 @@ class Settings:
             stripe_api_key=os.environ.get("TALLY_STRIPE_API_KEY") or None,
             stripe_api_base=os.environ.get("TALLY_STRIPE_API_BASE") or None,
             redeem_failures_per_hour=int(os.environ.get("TALLY_REDEEM_FAILURES_PER_HOUR", "10")),
+            lost_code_requests_per_hour=int(os.environ.get("TALLY_LOST_CODE_PER_HOUR", "5")),
+            reconcile_interval_seconds=int(
+                os.environ.get("TALLY_RECONCILE_INTERVAL_SECONDS", "3600")
+            ),
         )
 
     @property

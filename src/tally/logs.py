@@ -42,3 +42,5 @@ def configure(level: int = logging.INFO) -> None:
     # Tally writes its own line per request, without raw paths (they may hold codes).
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # httpx logs each request's URL at INFO; Gumroad's API takes its token in the query.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -552,6 +552,9 @@ def test_health_openapi_and_docs_need_no_key(server: Server) -> None:
         ("GET", "/v1/plans"),
         ("POST", "/v1/redemptions"),
         ("GET", "/v1/codes/{code}"),
+        ("GET", "/v1/orders"),
+        ("POST", "/v1/orders/{order_id}/refund"),
+        ("POST", "/v1/orders/{order_id}/reissue"),
     }
     grant_body = spec["components"]["schemas"]["GrantIn"]
     assert grant_body["additionalProperties"] is False

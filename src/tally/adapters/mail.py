@@ -2,6 +2,8 @@
 
 `SmtpSender` speaks to any SMTP server named by `TALLY_SMTP_URL` (`smtp://user:pass@host:587`
 upgrades with STARTTLS when the server offers it; `smtps://host:465` is TLS from the start).
+The server's certificate is always verified, against the system's CAs or, when
+`TALLY_SMTP_CA_FILE` names a PEM file, against that file's CAs only (a private mail server).
 `MailboxSender` writes each message as an .eml file under ./var/mailbox, the page
 `/dev/mailbox` shows them. Both raise `MailTemporary` (retry later) or `MailRefused` (do not).
 """
@@ -24,9 +26,9 @@ from urllib.parse import unquote, urlsplit
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from tally.service.ports import Email, Mailer, MailRefused, MailTemporary
+from tally.service.ports import Email, MailRefused, MailTemporary
 
-TEMPLATES: Final = ("purchase_code", "gift_code", "replacement_code")
+TEMPLATES: Final = ("purchase_code", "gift_code", "replacement_code", "refund")
 SMTP_TIMEOUT_SECONDS: Final = 30
 MAILBOX_LIST_MAX: Final = 200
 _MESSAGE_ID: Final = re.compile(r"<[A-Za-z0-9._-]{1,100}@[A-Za-z0-9.-]{1,100}>")
@@ -66,7 +68,7 @@ class Templates:
 
 
 class SmtpSender:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ca_file: Path | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ValueError("TALLY_SMTP_URL is smtp://[user:pass@]host[:port] or smtps://...")
@@ -75,9 +77,11 @@ class SmtpSender:
         self.port = parts.port or (465 if self.tls else 25)
         self.user = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None
+        # Made once: a missing or unreadable CA file is a configuration error, not a retry.
+        self.context = ssl.create_default_context(cafile=ca_file)
 
     def send(self, email: Email, now: datetime) -> None:
-        context = ssl.create_default_context()
+        context = self.context
         try:
             if self.tls:
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
@@ -131,7 +135,3 @@ class MailboxSender:
 
 def _file_name(message_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", message_id.strip("<>")) + ".eml"
-
-
-def mailer(smtp_url: str | None, mailbox: Path) -> Mailer:
-    return SmtpSender(smtp_url) if smtp_url else MailboxSender(mailbox)

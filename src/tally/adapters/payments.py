@@ -186,6 +186,8 @@ def stripe_sale(
         order_number=str(session.get("id") or ""),
         gifter_email=str(buyer) if gift and buyer else None,
         is_test=not bool(session.get("livemode", False)),
+        # Charges, refunds and disputes name the payment intent, not the session (issue 5).
+        payment_ref=intent if isinstance(intent := session.get("payment_intent"), str) else None,
     )
 
 

@@ -45,6 +45,7 @@ class Sale:
     order_number: str | None = None
     gifter_email: str | None = None
     is_test: bool = False
+    payment_ref: str | None = None  # Stripe: the payment intent its charges will name
 
     def __post_init__(self) -> None:
         if self.processor not in PROCESSORS:
@@ -99,6 +100,20 @@ class Order:
     status: OrderStatus
     purchased_at: datetime
     created_at: datetime
+    # --- refunds and disputes (rules 8, 9): what the order gave back so far
+    payment_ref: str | None = None
+    refunded_amount: int = 0  # minor units, the processor's running total
+    credits_taken: int = 0  # every credit taken back: code value, lot credits, and debt
+    credits_owed: int = 0  # the part of credits_taken that was spent already: debt
+    refunded_at: datetime | None = None
+    disputed_at: datetime | None = None
+    refund_reason: str | None = None
+
+    @property
+    def credits_left(self) -> int:
+        """What redeeming the order's code gives now: a partial refund before redemption
+        takes its share from the code's value."""
+        return self.credits - self.credits_taken
 
     @property
     def source(self) -> str:

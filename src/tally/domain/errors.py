@@ -352,6 +352,14 @@ class OrderReversed(Conflict):
     title = "Order refunded or disputed"
 
 
+class OrderExpired(Conflict):
+    """Rule 4: the order's credits have expired (`expires_at` passed), so a new code could
+    not be redeemed either: nothing is reissued. 409."""
+
+    code = "order_expired"
+    title = "Order's credits expired"
+
+
 class CodeAlreadyRedeemed(Conflict):
     """The order's code was redeemed: its credits are on an account, there is nothing to
     replace."""
@@ -383,6 +391,38 @@ class CsrfRejected(TallyError):
     code = "csrf_rejected"
     status = 403
     title = "Cross-site request refused"
+
+
+# --- the support console (issue 5, engineer C)
+
+
+class StaffExists(Conflict):
+    """`tally staff create`: a staff member with this email exists already."""
+
+    code = "staff_exists"
+    title = "Staff member exists"
+
+
+class StaffNotFound(NotFound):
+    """`tally staff disable`: no staff member has this email."""
+
+    code = "staff_not_found"
+    title = "Staff member not found"
+
+
+class MessageNotFound(NotFound):
+    """No outbox message has this id."""
+
+    code = "message_not_found"
+    title = "Message not found"
+
+
+class MessageNotResendable(Conflict):
+    """Support asked to resend an email that was sent already (its code is erased), or whose
+    code is no longer valid (voided, redeemed, or its order refunded): reissue instead."""
+
+    code = "message_not_resendable"
+    title = "Message cannot be resent"
 
 
 class DatabaseUnavailable(TallyError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -367,6 +368,49 @@ def keys_revoke(key_prefix: str) -> None:
     typer.echo(f"revoked {revoked.prefix} of {revoked.platform_name}")
 
 
+# --- the support console's staff (issue 5, engineer C)
+
+staff_app = typer.Typer(help="Staff who sign in to the support console at /admin.")
+app.add_typer(staff_app, name="staff")
+
+
+@staff_app.command("create")
+@refusals
+def staff_create(
+    email: str,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from stdin (scripts)")
+    ] = False,
+) -> None:
+    """Create a staff member; the password is asked twice, hidden (at least 12 characters)."""
+    from tally.service import staff
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    tally = _tally()
+    try:
+        made = staff.create_staff(email, password, tally.uow())
+    finally:
+        tally.close()
+    typer.echo(f"staff {made.email} ({made.staff_id}) can sign in at /admin/sign-in")
+
+
+@staff_app.command("disable")
+@refusals
+def staff_disable(email: str) -> None:
+    """Stop a staff member signing in; their open sessions end at once."""
+    from tally.service import staff
+
+    tally = _tally()
+    try:
+        done = staff.disable_staff(email, tally.uow())
+    finally:
+        tally.close()
+    typer.echo(f"staff {done.email} ({done.staff_id}) is disabled")
+
+
 @app.command()
 @refusals
 def serve(
@@ -420,6 +464,103 @@ def sweep() -> None:
         f"swept {result.accounts} accounts: {result.holds_expired} holds and "
         f"{result.lots_expired} lots expired"
     )
+
+
+# --- lost codes and reconciliation (issue 5, engineer B) ------------------------------------
+
+
+@app.command()
+@refusals
+def reissue(
+    order_id: str,
+    reason: Annotated[str | None, typer.Option(help="why; kept with the new code's email")] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Void an order's unredeemed code and email a new one to the order's address."""
+    from tally.entrypoints.http.orders import order_view
+    from tally.service import orders
+
+    tally = _tally()
+    try:
+        order = orders.reissue_code(
+            orders.ReissueCode(
+                order_id=order_id, reason=reason, idempotency_key=_key(idempotency_key)
+            ),
+            tally.uow(),
+            pepper=tally.pepper,
+            links=tally.links,
+            catalog=tally.catalog,
+        )
+        _print(order_view(order))
+    finally:
+        tally.close()
+
+
+@app.command()
+@refusals
+def reconcile(
+    since: Annotated[
+        str | None,
+        typer.Option(help="YYYY-MM-DD: sales created on or after it (default: 3 days ago)"),
+    ] = None,
+) -> None:
+    """Fulfil the processors' sales that Tally never saw, once; print what was found and
+    fixed as JSON. Exit status 1 if a processor could not be asked."""
+    from datetime import date
+
+    from tally.adapters.sales import sources
+    from tally.domain.errors import InvalidInput
+    from tally.service import reconcile as reconciliation
+
+    try:
+        day = None if since is None else date.fromisoformat(since)
+    except ValueError as error:
+        raise InvalidInput("--since is a date: YYYY-MM-DD") from error
+    tally = _tally()
+    try:
+        reports = reconciliation.reconcile(
+            sources(tally.settings, tally.catalog),
+            tally.uow(),
+            since=day,
+            pepper=tally.pepper,
+            links=tally.links,
+        )
+    finally:
+        tally.close()
+    _print({"processors": [report.as_json() for report in reports]})
+    if any(report.error for report in reports):
+        raise typer.Exit(1)
+
+
+# --- refunds (issue 5, engineer A) ------------------------------------------------------------
+
+
+@app.command()
+@refusals
+def refund(
+    order_id: str,
+    reason: Annotated[str, typer.Option(help="why; recorded in the journal")],
+    idempotency_key: IdempotencyKey = None,
+) -> None:
+    """Refund an order at its processor and take its credits back (rule 9)."""
+    from tally.entrypoints.http.refunds import refund_view
+    from tally.service import refunds
+
+    tally = _tally()
+    try:
+        order = refunds.refund_order(
+            refunds.RefundOrder(
+                order_id=order_id, reason=reason, idempotency_key=_key(idempotency_key)
+            ),
+            tally.uow(),
+            gateway=tally.refund_gateway,
+            window_days=tally.catalog.refund_window_days,
+            links=tally.links,
+            catalog=tally.catalog,
+        )
+        _print(refund_view(order))
+    finally:
+        tally.close()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from tally.domain.errors import (
     RateLimited,
 )
 from tally.domain.model import Lot, Origin
+from tally.service import refunds
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.ports import (
     DuplicateSale,
@@ -93,6 +94,7 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
             status=OrderStatus.FULFILLED,
             purchased_at=sale.purchased_at,
             created_at=now,
+            payment_ref=sale.payment_ref,
         )
         try:
             uow.commerce.add_order(order)
@@ -100,9 +102,15 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
             found = uow.commerce.order_by_sale(sale.processor, sale.sale_id)
             assert found is not None, "the sale that won the race is committed"
             return Fulfilment(found, created=False)
+        # Refunds and disputes reported before the sale apply now; a refunded or disputed
+        # order's code is never emailed (issue 5, see service/refunds.py).
+        order = refunds.apply_pending(
+            order, uow, pepper=pepper, links=links, package_name=package.name, now=now
+        )
         template = "gift_code" if sale.is_gift else "purchase_code"
         with uow.batch():  # the code, its email and the COMMIT: one round trip on PostgreSQL
-            _issue_code(order, template, package.name, uow, pepper=pepper, links=links, now=now)
+            if refunds.needs_code(order):
+                issue_code(order, template, package.name, uow, pepper=pepper, links=links, now=now)
             uow.commit()
     return Fulfilment(order, created=True)
 
@@ -133,7 +141,7 @@ def look_up_code(text: str, uow: UnitOfWork, *, pepper: bytes) -> CodeInfo:
     return CodeInfo(code, order)
 
 
-def _issue_code(
+def issue_code(
     order: Order,
     template: str,
     package_name: str,
@@ -142,7 +150,10 @@ def _issue_code(
     pepper: bytes,
     links: Links,
     now: datetime,
+    note: dict[str, object] | None = None,
 ) -> Code:
+    """A new issued code for the order and the email that delivers it, inside the caller's
+    transaction. `note` (who asked for a replacement, and why) is kept with the email."""
     plaintext = codes.new_code()
     code = Code(
         id=values.new_id("code", now),
@@ -154,7 +165,7 @@ def _issue_code(
     uow.commerce.add_code(code, codes.digest(plaintext, pepper))
     context: dict[str, object] = {
         "package_name": package_name,
-        "credits": order.credits,
+        "credits": order.credits_left,  # what the code grants after any partial refund
         "expires_at": None if order.expires_at is None else order.expires_at.date().isoformat(),
         "code": codes.display(plaintext),
         "redeem_url": links.redeem_url,
@@ -162,7 +173,9 @@ def _issue_code(
         "order_number": order.order_number,
         "gifter_email": order.gifter_email,
     }
-    subject = _SUBJECTS[template].format(package=package_name, credits=order.credits)
+    if note:
+        context.update(note)
+    subject = _SUBJECTS[template].format(package=package_name, credits=order.credits_left)
     uow.commerce.add_message(
         Message(
             id=values.new_id("msg", now),
@@ -178,6 +191,9 @@ def _issue_code(
         now,
     )
     return code
+
+
+_issue_code = issue_code  # the old private name, for callers written before issue 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,7 +284,7 @@ def _credit(
     assert account is not None
     account.settle(now)
     lot = account.grant(
-        amount=order.credits,
+        amount=order.credits_left,  # a partial refund before redemption took its share
         source=order.source,
         expires_at=order.expires_at,
         priority=0,

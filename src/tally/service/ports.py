@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -165,6 +165,9 @@ class Platforms(Protocol):
 
     def revoke_key(self, prefix: str, now: datetime) -> None: ...
 
+    def in_force(self, prefix: str) -> bool:
+        """Whether a key with this prefix exists and is not revoked."""
+
 
 class MailTemporary(Exception):
     """The message could not be sent now; the worker retries with backoff."""
@@ -235,6 +238,218 @@ class Commerce(Protocol):
 
     def failures_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]: ...
 
+    # --- lost codes and reconciliation (issue 5, engineer B)
+
+    def void_issued_code(self, code_id: str, now: datetime) -> bool:
+        """Void the code if it is still issued; False if it is not (redeemed or void)."""
+
+    def find_orders(
+        self,
+        *,
+        email: str | None,
+        order_number: str | None,
+        limit: int,
+        starting_after: str | None,
+    ) -> list[Order]:
+        """Orders matching every filter given (email in any case), newest first."""
+
+    def codes_of_orders(self, order_ids: Sequence[str]) -> dict[str, list[Code]]:
+        """Each order's codes, oldest first."""
+
+    def unmatched_recorded(self, processor: str, sale_id: str) -> bool:
+        """Whether an unmatched sale was kept for support already."""
+
+    # --- refunds and disputes (issue 5, engineer A)
+
+    def lock_sale(self, processor: str, key: str) -> None:
+        """Serialise the fulfilment of a sale with the events about it (PostgreSQL: an
+        advisory lock until the transaction ends; SQLite has one writer already)."""
+
+    def order_by_payment_ref(self, processor: str, payment_ref: str) -> Order | None: ...
+
+    def lock_order(self, order_id: str) -> Order | None:
+        """The order, locked (PostgreSQL) while what it gave back changes."""
+
+    def codes_of_order_for_update(self, order_id: str) -> list[Code]:
+        """The order's codes, locked against a concurrent redemption, oldest first."""
+
+    def save_reversal(self, order: Order) -> None:
+        """Write the order's status and what it gave back (refunded_amount ... refund_reason)."""
+
+    def lot_consumed(self, account_id: str, lot_id: str) -> int:
+        """Credits of the lot spent for good: captured, debited, or repaying debt."""
+
+    def add_processor_event(self, event: ProcessorEvent) -> bool:
+        """Store the event once; False when its (processor, event_key) was stored before."""
+
+    def pending_events(
+        self, processor: str, sale_id: str, payment_ref: str | None
+    ) -> list[ProcessorEvent]:
+        """Events stored before their sale was known, oldest first, locked; the sale's lock
+        (see `lock_sale`, on `payment_ref` or else `sale_id`) is taken first."""
+
+    def dispute_event(
+        self, processor: str, dispute_ref: str, kind: str = "dispute"
+    ) -> ProcessorEvent | None:
+        """The newest applied event of `kind` about this dispute (by default the `dispute`
+        that opened it), locked."""
+
+    def restored_lots(self, order_id: str) -> list[str]:
+        """The lots won disputes granted back for the order, oldest first."""
+
+    def event_applied(self, event: ProcessorEvent) -> None:
+        """Mark the event applied, with its order and what it took or restored."""
+
+
+# --- refunds and disputes (issue 5, engineer A) ---------------------------------------------
+
+
+class RefundFailed(Exception):
+    """The processor refused the refund or could not be reached; nothing was refunded."""
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    """What a processor needs to refund one order in full."""
+
+    processor: str
+    sale_id: str
+    payment_ref: str | None  # Stripe: the session's payment_intent
+    amount: int  # minor units
+    currency: str
+    idempotency_key: str  # passed to the processor where it takes one (Stripe)
+
+
+@dataclass(frozen=True)
+class ProcessorEvent:
+    """A refund or dispute a processor reported (SPEC.md §4), kept once per event."""
+
+    id: str
+    processor: str  # gumroad, stripe or sandbox
+    event_key: str  # the processor's event id; Gumroad sends none: `<resource>:<sale_id>`
+    kind: str  # refund, dispute, dispute_won, dispute_lost
+    sale_id: str | None
+    payment_ref: str | None
+    payload: dict[str, Any]
+    created_at: datetime
+    dispute_ref: str | None = None
+    refunded_amount: int | None = None  # Stripe's running total; None: the whole sale
+    charge_amount: int | None = None
+    status: str = "pending"  # pending until the sale is known, then applied
+    order_id: str | None = None
+    credits_taken: int = 0
+    credits_restored: int = 0
+    code_voided: bool = False
+    applied_at: datetime | None = None
+    # A dispute: of credits_taken, what came out of lots and what became debt; a won dispute
+    # restores exactly those once (restored_at), into restored_lot_id if it granted credits.
+    credits_from_lots: int = 0
+    credits_owed: int = 0
+    restored_lot_id: str | None = None
+    restored_at: datetime | None = None
+
+
+class RefundGateway(Protocol):
+    def refund(self, request: RefundRequest) -> str:
+        """Refund the sale in full at the processor; answer the processor's refund id or
+        raise RefundFailed with the processor's own words."""
+
+
+# --- the support console (issue 5, engineer C) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaffRecord:
+    staff_id: str
+    email: str
+    password_hash: str
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StaffSessionRecord:
+    """A session as stored (by the digest of its token) with its staff member."""
+
+    digest: str
+    staff_id: str
+    email: str
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+    staff_disabled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DayTotals:
+    day: date
+    sold: int
+    spent: int
+    expired: int
+
+
+class Staff(Protocol):
+    def add(self, staff: StaffRecord) -> bool:
+        """Store a staff member; False if the email has one already (the unique key decides)."""
+
+    def by_email(self, email: str, *, lock: bool = False) -> StaffRecord | None:
+        """With `lock`, sign-ins to one email take turns (PostgreSQL)."""
+
+    def add_attempts(self, subjects: Sequence[str], now: datetime) -> list[str]:
+        """Count a sign-in attempt against each subject (the redemption failures table, its
+        subjects prefixed `sign-in-`); answers the rows' ids."""
+
+    def forget_attempts(self, attempt_ids: Sequence[str]) -> None:
+        """A sign-in succeeded: its attempt is not a failure."""
+
+    def emails(self, staff_ids: Sequence[str]) -> dict[str, str]: ...
+
+    def set_password_hash(self, staff_id: str, password_hash: str) -> None: ...
+
+    def disable(self, staff_id: str, now: datetime) -> None:
+        """Refuse the staff member's sign-ins from now on and end their sessions."""
+
+    def add_session(
+        self, digest: str, staff_id: str, *, now: datetime, expires_at: datetime
+    ) -> None: ...
+
+    def session(self, digest: str) -> StaffSessionRecord | None: ...
+
+    def touch_session(self, digest: str, now: datetime) -> None: ...
+
+    def delete_session(self, digest: str) -> None: ...
+
+    def delete_sessions_ended(self, staff_id: str, idle_since: datetime, now: datetime) -> int:
+        """Forget the staff member's sessions past their absolute or idle expiry."""
+
+    def search_orders(self, text: str, *, limit: int) -> list[Order]:
+        """Orders whose email (any case), order number, sale id, id, or code's last 4 is
+        `text`, newest first."""
+
+    def search_accounts(self, text: str, *, limit: int) -> list[tuple[str, str | None]]:
+        """(account_id, email) of accounts whose id or email (any case) is `text`."""
+
+    def message_for_update(self, message_id: str) -> dict[str, Any] | None:
+        """An outbox row (without its context), locked."""
+
+    def requeue_message(self, message_id: str, now: datetime) -> None:
+        """Put an unsent message back to pending, due now, with a fresh set of attempts."""
+
+    def add_action(
+        self,
+        *,
+        staff_id: str,
+        action: str,
+        subject: str,
+        reason: str,
+        idempotency_key: str,
+        now: datetime,
+    ) -> bool:
+        """Record an action; False if this staff member's key recorded this action already."""
+
+    def daily_totals(self, since: datetime) -> list[DayTotals]:
+        """Credits sold, spent and expired per UTC day from `since`, from the journal."""
+
 
 class Audit(Protocol):
     def run(self, now: datetime) -> AuditReport: ...
@@ -260,8 +475,14 @@ class UnitOfWork(Protocol):
     @property
     def commerce(self) -> Commerce: ...
 
+    @property
+    def staff(self) -> Staff: ...
+
     #: Whether the last change run through this unit of work answered a stored result.
     replayed: bool
+    #: The prefix of the API key a change is made under, when the caller was authenticated
+    #: from a cache: the change's own transaction checks that the key is not revoked.
+    credential: str | None
 
     @property
     def clock(self) -> Clock: ...

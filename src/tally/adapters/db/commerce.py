@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from tally.adapters.db.fast import FastStatement, Json, decode_time
-from tally.adapters.db.schema import codes, orders, outbox, redemption_failures, unmatched_pings
+from tally.adapters.db.fast import FastStatement, Json, decode_json, decode_time
+from tally.adapters.db.schema import (
+    codes,
+    entries,
+    orders,
+    outbox,
+    processor_events,
+    redemption_failures,
+    unmatched_pings,
+)
 from tally.domain.commerce import Code, CodeStatus, Message, Order, OrderStatus
 from tally.domain.values import new_id
-from tally.service.ports import DuplicateSale
+from tally.service.ports import DuplicateSale, ProcessorEvent
 
 # The fulfilment path's writes, compiled once (see fast.py): a sale costs three statements.
 _ADD_ORDER_POSTGRES = FastStatement(pg_insert(orders).on_conflict_do_nothing())
@@ -41,6 +50,14 @@ def _order(row: Any) -> Order:
         status=OrderStatus(row.status),
         purchased_at=row.purchased_at,
         created_at=row.created_at,
+        # refunds and disputes (issue 5, engineer A)
+        payment_ref=row.payment_ref,
+        refunded_amount=row.refunded_amount,
+        credits_taken=row.credits_taken,
+        credits_owed=row.credits_owed,
+        refunded_at=row.refunded_at,
+        disputed_at=row.disputed_at,
+        refund_reason=row.refund_reason,
     )
 
 
@@ -103,6 +120,14 @@ class SqlCommerce:
                 "status": order.status.value,
                 "purchased_at": order.purchased_at,
                 "created_at": order.created_at,
+                # refunds and disputes (issue 5, engineer A)
+                "payment_ref": order.payment_ref,
+                "refunded_amount": order.refunded_amount,
+                "credits_taken": order.credits_taken,
+                "credits_owed": order.credits_owed,
+                "refunded_at": order.refunded_at,
+                "disputed_at": order.disputed_at,
+                "refund_reason": order.refund_reason,
             },
         )
         if added != 1:
@@ -273,3 +298,266 @@ class SqlCommerce:
         if isinstance(oldest, str):  # SQLite answers MIN() of a datetime column as text
             oldest = decode_time(oldest)
         return int(row[0]), oldest
+
+    # --- lost codes and reconciliation (issue 5, engineer B) ---------------------------------
+
+    def void_issued_code(self, code_id: str, now: datetime) -> bool:
+        done = self.connection.execute(
+            update(codes)
+            .where(codes.c.code_id == code_id, codes.c.status == CodeStatus.ISSUED.value)
+            .values(status=CodeStatus.VOID.value, voided_at=now)
+        )
+        return done.rowcount == 1
+
+    def find_orders(
+        self,
+        *,
+        email: str | None,
+        order_number: str | None,
+        limit: int,
+        starting_after: str | None,
+    ) -> list[Order]:
+        query = select(orders).order_by(orders.c.order_id.desc()).limit(limit)
+        if email is not None:
+            # Processors keep the buyer's spelling; support types it however it comes.
+            query = query.where(func.lower(orders.c.email) == email.lower())
+        if order_number is not None:
+            query = query.where(orders.c.order_number == order_number)
+        if starting_after is not None:
+            query = query.where(orders.c.order_id < starting_after)
+        return [_order(row) for row in self.connection.execute(query)]
+
+    def codes_of_orders(self, order_ids: Sequence[str]) -> dict[str, list[Code]]:
+        found: dict[str, list[Code]] = {order_id: [] for order_id in order_ids}
+        if not order_ids:
+            return found
+        rows = self.connection.execute(
+            select(codes)
+            .where(codes.c.order_id.in_(list(order_ids)))
+            .order_by(codes.c.order_id, codes.c.created_at, codes.c.code_id)
+        )
+        for row in rows:
+            found[row.order_id].append(_code(row))
+        return found
+
+    def unmatched_recorded(self, processor: str, sale_id: str) -> bool:
+        row = self.connection.execute(
+            select(unmatched_pings.c.ping_id)
+            .where(unmatched_pings.c.processor == processor, unmatched_pings.c.sale_id == sale_id)
+            .limit(1)
+        ).first()
+        return row is not None
+
+    # --- refunds and disputes (issue 5, engineer A) ------------------------------------------
+
+    def lock_sale(self, processor: str, key: str) -> None:
+        if self.postgres:  # SQLite: BEGIN IMMEDIATE serialises writers already
+            _LOCK_SALE.rows(self.connection, {"lock_key": _sale_lock_key(processor, key)})
+
+    def order_by_payment_ref(self, processor: str, payment_ref: str) -> Order | None:
+        query = select(orders).where(
+            orders.c.processor == processor, orders.c.payment_ref == payment_ref
+        )
+        if self.postgres:
+            query = query.with_for_update()
+        row = self.connection.execute(query).first()
+        return None if row is None else _order(row)
+
+    def lock_order(self, order_id: str) -> Order | None:
+        query = select(orders).where(orders.c.order_id == order_id)
+        if self.postgres:
+            query = query.with_for_update()
+        row = self.connection.execute(query).first()
+        return None if row is None else _order(row)
+
+    def codes_of_order_for_update(self, order_id: str) -> list[Code]:
+        query = (
+            select(codes)
+            .where(codes.c.order_id == order_id)
+            .order_by(codes.c.created_at, codes.c.code_id)
+        )
+        if self.postgres:
+            query = query.with_for_update()
+        return [_code(row) for row in self.connection.execute(query)]
+
+    def save_reversal(self, order: Order) -> None:
+        done = self.connection.execute(
+            update(orders)
+            .where(orders.c.order_id == order.id)
+            .values(
+                status=order.status.value,
+                refunded_amount=order.refunded_amount,
+                credits_taken=order.credits_taken,
+                credits_owed=order.credits_owed,
+                refunded_at=order.refunded_at,
+                disputed_at=order.disputed_at,
+                refund_reason=order.refund_reason,
+            )
+        )
+        assert done.rowcount == 1
+
+    def lot_consumed(self, account_id: str, lot_id: str) -> int:
+        # Adjustment entries on a lot are debt repayments, signed negative (see Account.grant).
+        spent = case(
+            (entries.c.type.in_(("capture", "debit")), entries.c.amount),
+            (entries.c.type == "adjustment", -entries.c.amount),
+            else_=0,
+        )
+        total = self.connection.execute(
+            select(func.coalesce(func.sum(spent), 0)).where(
+                entries.c.account_id == account_id, entries.c.lot_id == lot_id
+            )
+        ).scalar_one()
+        return int(total)
+
+    def add_processor_event(self, event: ProcessorEvent) -> bool:
+        values = _event_values(event)
+        insert_into = pg_insert if self.postgres else sqlite_insert
+        statement = (
+            insert_into(processor_events)
+            .values(values)
+            .on_conflict_do_nothing()
+            .returning(processor_events.c.event_id)
+        )
+        # RETURNING: through psycopg, this INSERT answers rowcount -1 whether or not it wrote.
+        return self.connection.execute(statement).first() is not None
+
+    def pending_events(
+        self, processor: str, sale_id: str, payment_ref: str | None
+    ) -> list[ProcessorEvent]:
+        """On every fulfilment: the sale's lock and this read go in one round trip."""
+        params = {
+            "lock_key": _sale_lock_key(processor, payment_ref or sale_id),
+            "processor": processor,
+            "sale_id": sale_id,
+            "payment_ref": payment_ref,
+        }
+        if self.postgres:
+            rows = _PENDING_EVENTS_LOCKED.rows(self.connection, params, after=_LOCK_SALE)
+        else:
+            rows = _PENDING_EVENTS.rows(self.connection, params)
+        return [_event(row) for row in rows]
+
+    def dispute_event(
+        self, processor: str, dispute_ref: str, kind: str = "dispute"
+    ) -> ProcessorEvent | None:
+        query = (
+            select(processor_events)
+            .where(
+                processor_events.c.processor == processor,
+                processor_events.c.dispute_ref == dispute_ref,
+                processor_events.c.kind == kind,
+                processor_events.c.status == "applied",
+            )
+            .order_by(processor_events.c.created_at.desc())
+            .limit(1)
+        )
+        if self.postgres:
+            query = query.with_for_update()
+        row = self.connection.execute(query).first()
+        return None if row is None else _event(row)
+
+    def event_applied(self, event: ProcessorEvent) -> None:
+        assert event.status == "applied"
+        self.connection.execute(
+            update(processor_events)
+            .where(processor_events.c.event_id == event.id)
+            .values(
+                status=event.status,
+                order_id=event.order_id,
+                credits_taken=event.credits_taken,
+                credits_restored=event.credits_restored,
+                code_voided=event.code_voided,
+                applied_at=event.applied_at,
+                credits_from_lots=event.credits_from_lots,
+                credits_owed=event.credits_owed,
+                restored_lot_id=event.restored_lot_id,
+                restored_at=event.restored_at,
+            )
+        )
+
+    def restored_lots(self, order_id: str) -> list[str]:
+        rows = self.connection.execute(
+            select(processor_events.c.restored_lot_id)
+            .where(
+                processor_events.c.order_id == order_id,
+                processor_events.c.restored_lot_id.is_not(None),
+            )
+            .order_by(processor_events.c.restored_at, processor_events.c.event_id)
+        ).all()
+        return [str(row[0]) for row in rows]
+
+
+def _sale_lock_key(processor: str, key: str) -> str:
+    return f"sale:{processor}:{key}"
+
+
+#: A transaction-scoped lock per sale, taken by fulfilment and by the events about the sale,
+#: so neither misses the other (PostgreSQL; SQLite has one writer).
+_LOCK_SALE = FastStatement(
+    select(func.pg_advisory_xact_lock(func.hashtextextended(bindparam("lock_key"), 0)))
+)
+_PENDING_QUERY = (
+    select(processor_events)
+    .where(
+        processor_events.c.processor == bindparam("processor"),
+        processor_events.c.status == "pending",
+        (processor_events.c.sale_id == bindparam("sale_id"))
+        | (processor_events.c.payment_ref == bindparam("payment_ref")),
+    )
+    .order_by(processor_events.c.created_at, processor_events.c.event_id)
+)
+_PENDING_EVENTS = FastStatement(_PENDING_QUERY)
+_PENDING_EVENTS_LOCKED = FastStatement(_PENDING_QUERY.with_for_update())
+
+
+def _event_values(event: ProcessorEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.id,
+        "processor": event.processor,
+        "event_key": event.event_key,
+        "kind": event.kind,
+        "sale_id": event.sale_id,
+        "payment_ref": event.payment_ref,
+        "dispute_ref": event.dispute_ref,
+        "refunded_amount": event.refunded_amount,
+        "charge_amount": event.charge_amount,
+        "order_id": event.order_id,
+        "status": event.status,
+        "credits_taken": event.credits_taken,
+        "credits_restored": event.credits_restored,
+        "code_voided": event.code_voided,
+        "credits_from_lots": event.credits_from_lots,
+        "credits_owed": event.credits_owed,
+        "restored_lot_id": event.restored_lot_id,
+        "restored_at": event.restored_at,
+        "payload": event.payload,
+        "created_at": event.created_at,
+        "applied_at": event.applied_at,
+    }
+
+
+def _event(row: Any) -> ProcessorEvent:
+    return ProcessorEvent(
+        id=row.event_id,
+        processor=row.processor,
+        event_key=row.event_key,
+        kind=row.kind,
+        sale_id=row.sale_id,
+        payment_ref=row.payment_ref,
+        payload=dict(decode_json(row.payload)),  # raw driver rows come from FastStatement
+        created_at=decode_time(row.created_at),
+        dispute_ref=row.dispute_ref,
+        refunded_amount=row.refunded_amount,
+        charge_amount=row.charge_amount,
+        status=row.status,
+        order_id=row.order_id,
+        credits_taken=row.credits_taken,
+        credits_restored=row.credits_restored,
+        code_voided=bool(row.code_voided),
+        applied_at=decode_time(row.applied_at),
+        credits_from_lots=row.credits_from_lots,
+        credits_owed=row.credits_owed,
+        restored_lot_id=row.restored_lot_id,
+        restored_at=decode_time(row.restored_at),
+    )

@@ -24,6 +24,13 @@ _KEYS = select(*_KEY_COLUMNS).join_from(api_keys, platforms)
 _KEY = FastStatement(_KEYS.where(api_keys.c.prefix == bindparam("prefix")))
 
 
+_IN_FORCE = FastStatement(
+    select(api_keys.c.prefix).where(
+        api_keys.c.prefix == bindparam("prefix"), api_keys.c.revoked_at.is_(None)
+    )
+)
+
+
 def _key(row: Any) -> KeyRecordOfPlatform:
     return KeyRecordOfPlatform(
         prefix=row.prefix,
@@ -74,6 +81,9 @@ class SqlPlatforms:
             _KEYS.order_by(platforms.c.name, api_keys.c.created_at).limit(limit)
         )
         return [_key(row) for row in rows]
+
+    def in_force(self, prefix: str) -> bool:
+        return bool(_IN_FORCE.rows(self.connection, {"prefix": prefix}))
 
     def revoke_key(self, prefix: str, now: datetime) -> None:
         self.connection.execute(

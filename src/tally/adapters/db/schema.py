@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -282,6 +283,7 @@ orders = Table(
     CheckConstraint(_in("status", [s.value for s in OrderStatus]), name="status_known"),
     CheckConstraint("credits > 0 AND quantity > 0 AND price >= 0", name="amounts_positive"),
     Index("ix_orders_email", "email"),
+    Index("ix_orders_email_lower", func.lower(text("email"))),
     Index("ix_orders_order_number", "order_number"),
 )
 
@@ -307,6 +309,14 @@ codes = Table(
     ),
     CheckConstraint("(status = 'void') = (voided_at IS NOT NULL)", name="void_iff_voided_at"),
     Index("ix_codes_last4", "last4"),
+    # Rule 10: at most one code that redeems per order (a reissue voids the old one first).
+    Index(
+        "uq_codes_one_issued_per_order",
+        "order_id",
+        unique=True,
+        sqlite_where=text("status = 'issued'"),
+        postgresql_where=text("status = 'issued'"),
+    ),
 )
 
 outbox = Table(
@@ -358,6 +368,134 @@ redemption_failures = Table(
     Index("ix_redemption_failures_subject_at", "subject", "at"),
 )
 
+
+# --- refunds and disputes (issue 5, engineer A) --------------------------------------------------
+
+#: What an order gave back (rules 8 and 9). Appended here rather than in the orders table above so
+#: the migration that adds them (0004) reads alongside. `credits_taken` counts every credit taken
+#: back (voided code value, voided or clawed back lot credits, and debt); `credits_owed` is the
+#: part of it that became debt because it was spent already.
+for _column in (
+    Column("payment_ref", String(128)),  # Stripe: the session's payment_intent
+    Column("refunded_amount", BigInteger, nullable=False, server_default="0"),  # minor units
+    Column("credits_taken", BigInteger, nullable=False, server_default="0"),
+    Column("credits_owed", BigInteger, nullable=False, server_default="0"),
+    Column("refunded_at", UTCDateTime),
+    Column("disputed_at", UTCDateTime),
+    Column("refund_reason", String(500)),
+):
+    orders.append_column(_column)
+for _check, _name in (
+    ("refunded_amount >= 0", "refunded_amount_not_negative"),
+    ("credits_taken BETWEEN 0 AND credits", "credits_taken_within_credits"),
+    ("credits_owed BETWEEN 0 AND credits_taken", "credits_owed_within_taken"),
+    ("status <> 'refunded' OR refunded_at IS NOT NULL", "refunded_has_time"),
+    ("status <> 'disputed' OR disputed_at IS NOT NULL", "disputed_has_time"),
+):
+    orders.append_constraint(CheckConstraint(_check, name=_name))
+Index("ix_orders_payment_ref", orders.c.payment_ref)  # charges name the payment intent
+
+PROCESSOR_EVENT_KINDS = ("refund", "dispute", "dispute_won", "dispute_lost")
+
+#: Refunds and disputes the processors reported, once each (the processor's event id, or for
+#: Gumroad, which sends none, the resource and sale). `pending` until the sale they are about
+#: is known; fulfilling that sale applies them in the same transaction.
+processor_events = Table(
+    "processor_events",
+    metadata,
+    Column("event_id", ID, primary_key=True),
+    Column("processor", String(16), nullable=False),
+    Column("event_key", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("sale_id", String(128)),
+    Column("payment_ref", String(128)),
+    Column("dispute_ref", String(128)),
+    Column("refunded_amount", BigInteger),  # Stripe's running total, minor units
+    Column("charge_amount", BigInteger),
+    Column("order_id", ID, ForeignKey("orders.order_id")),
+    Column("status", String(16), nullable=False),
+    Column("credits_taken", BigInteger, nullable=False, server_default="0"),
+    Column("credits_restored", BigInteger, nullable=False, server_default="0"),
+    Column("code_voided", Boolean(create_constraint=False), nullable=False, server_default="0"),
+    # A dispute: of credits_taken, what came out of lots and what became debt (the rest had
+    # expired or been voided before); a won dispute restores exactly those, once.
+    Column("credits_from_lots", BigInteger, nullable=False, server_default="0"),
+    Column("credits_owed", BigInteger, nullable=False, server_default="0"),
+    Column("restored_lot_id", ID),
+    Column("restored_at", UTCDateTime),
+    Column("payload", Json, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("applied_at", UTCDateTime),
+    UniqueConstraint("processor", "event_key"),
+    CheckConstraint(_in("processor", ["gumroad", "stripe", "sandbox"]), name="processor_known"),
+    CheckConstraint(_in("kind", PROCESSOR_EVENT_KINDS), name="kind_known"),
+    CheckConstraint(_in("status", ["pending", "applied"]), name="status_known"),
+    CheckConstraint(
+        "(status = 'applied') = (applied_at IS NOT NULL AND order_id IS NOT NULL)",
+        name="applied_iff_order",
+    ),
+    CheckConstraint("sale_id IS NOT NULL OR payment_ref IS NOT NULL", name="names_a_sale"),
+    CheckConstraint(
+        "credits_taken >= 0 AND credits_restored >= 0 AND "
+        "(refunded_amount IS NULL OR refunded_amount >= 0)",
+        name="amounts_not_negative",
+    ),
+    CheckConstraint(
+        "credits_from_lots >= 0 AND credits_owed >= 0 AND "
+        "credits_from_lots + credits_owed <= credits_taken",
+        name="taken_within_taken",
+    ),
+    Index("ix_processor_events_sale_id", "sale_id"),
+    Index("ix_processor_events_payment_ref", "payment_ref"),
+    Index("ix_processor_events_order_id", "order_id"),
+)
+
+
+# --- the support console: staff, their sessions, their actions (issue 5, engineer C) -----------
+
+staff = Table(
+    "staff",
+    metadata,
+    Column("staff_id", ID, primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    # argon2id in PHC form (`$argon2id$v=19$m=...`); the password itself is never stored.
+    Column("password_hash", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("disabled_at", UTCDateTime),
+    CheckConstraint("email = lower(email)", name="email_lower_case"),
+    CheckConstraint("password_hash LIKE '$argon2%'", name="password_hash_argon2"),
+)
+
+staff_sessions = Table(
+    "staff_sessions",
+    metadata,
+    # SHA-256 of the session token: the cookie's value is never stored.
+    Column("digest", String(64), primary_key=True),
+    Column("staff_id", ID, ForeignKey("staff.staff_id"), nullable=False, index=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),  # absolute; idle expiry is from last_seen_at
+    CheckConstraint("length(digest) = 64", name="digest_is_sha256"),
+    CheckConstraint("expires_at > created_at", name="expires_after_created"),
+    CheckConstraint("last_seen_at >= created_at", name="seen_after_created"),
+)
+
+#: Console actions that write no journal entry (resending an email), with who and why; one per
+#: idempotency key, so a double submit has one effect.
+staff_actions = Table(
+    "staff_actions",
+    metadata,
+    Column("action_id", ID, primary_key=True),
+    Column("staff_id", ID, ForeignKey("staff.staff_id"), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("subject", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("staff_id", "action", "idempotency_key"),
+    CheckConstraint("action IN ('resend', 'refund', 'reissue')", name="action_known"),
+    CheckConstraint("length(reason) BETWEEN 1 AND 500", name="reason_given"),
+)
 
 # --- the append-only journal, enforced by the database --------------------------------------
 

@@ -15,6 +15,7 @@ from tally.adapters.db.commerce import SqlCommerce
 from tally.adapters.db.engine import READ_ONLY, Database
 from tally.adapters.db.platforms import SqlPlatforms
 from tally.adapters.db.repository import SqlAccounts, SqlIdempotencyStore, SqlJournal
+from tally.adapters.db.staff import SqlStaff
 from tally.domain.errors import DatabaseUnavailable
 from tally.service.group_commit import GroupCommit
 from tally.service.ports import Clock, IdempotencyRace
@@ -31,7 +32,9 @@ class SqlUnitOfWork:
     audit: SqlAudit
     platforms: SqlPlatforms
     commerce: SqlCommerce
+    staff: SqlStaff
     replayed: bool
+    credential: str | None
 
     def __init__(self, database: Database, clock: Clock, group: GroupCommit | None = None) -> None:
         self.database = database
@@ -40,6 +43,7 @@ class SqlUnitOfWork:
         self._read_only = False
         self._snapshot = True
         self.replayed = False
+        self.credential: str | None = None
         self._connection: Connection | None = None
         self._transaction: RootTransaction | None = None
         self._locked = False
@@ -73,6 +77,7 @@ class SqlUnitOfWork:
         self.audit = SqlAudit(connection)
         self.platforms = SqlPlatforms(connection)
         self.commerce = SqlCommerce(connection)
+        self.staff = SqlStaff(connection)
         return self
 
     def __exit__(

@@ -25,7 +25,9 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH
-from tally.entrypoints.http import commerce, schemas, v1
+from tally.entrypoints.http import admin, commerce, schemas, v1
+from tally.entrypoints.http import orders as orders_http
+from tally.entrypoints.http import refunds as refunds_http
 from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, problem_body
 from tally.entrypoints.http.metrics import CONTENT_TYPE, Metrics
 from tally.entrypoints.worker import Worker
@@ -105,6 +107,9 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     app.add_middleware(Edge, metrics=metrics)
     app.include_router(v1.router)
     app.include_router(commerce.router)
+    app.include_router(orders_http.router)  # issue 5: /v1/orders, /lost-code
+    app.include_router(admin.router)  # issue 5: the support console, /admin
+    app.include_router(refunds_http.router)  # issue 5: /v1/orders/{id}/refund
 
     @app.exception_handler(TallyError)
     async def refused(request: Request, error: TallyError) -> Response:

@@ -40,7 +40,8 @@ from tally.entrypoints.http.v1 import (
     tally_of,
 )
 from tally.entrypoints.views import lot_view
-from tally.service import commerce, ledger
+from tally.service import commerce, ledger, refunds
+from tally.service.ports import ProcessorEvent
 
 SANDBOX_TIMEOUT_SECONDS: Final = 10.0
 _pages = Environment(
@@ -98,11 +99,97 @@ async def gumroad_webhook(
         raise NotFound("no such endpoint")
     resource = ping.get("resource_name") or "sale"
     sale_id = ping.get("sale_id") or None
+    if resource in _GUMROAD_REVERSALS and sale_id is not None:
+        return await run_in_threadpool(_gumroad_reversal, tally, ping, resource, sale_id)
     if resource != "sale":
-        return _accepted(ignored=resource)  # refunds and disputes: handled by support today
+        return _accepted(ignored=resource)  # subscriptions: not sold yet
     if sale_id is None:
         raise InvalidInput("the ping has no sale_id")
     return await run_in_threadpool(_gumroad_sale, tally, ping, sale_id)
+
+
+# --- refunds and disputes reported by the processors (issue 5, engineer A) ------------------------
+
+#: Gumroad's refund and dispute pings (SPEC.md §4). Gumroad sends no event id: one of each kind
+#: per sale is applied, however often it arrives.
+_GUMROAD_REVERSALS: Final = ("refund", "dispute", "dispute_won")
+
+
+def _gumroad_reversal(tally: Tally, ping: dict[str, str], resource: str, sale_id: str) -> Response:
+    processor = "sandbox" if tally.settings.payments == "sandbox" else "gumroad"
+    key = f"{resource}:{sale_id}"
+    refunded = None  # the whole sale, unless Gumroad says a part, and how much in all
+    partial = ping.get("partially_refunded", "").lower() == "true"
+    if resource == "refund" and partial and ping.get("refunded", "").lower() != "true":
+        cents = ping.get("amount_refunded_in_cents", "").strip()
+        if not cents.isdigit():
+            raise InvalidInput("a partial refund ping names no amount_refunded_in_cents")
+        refunded = int(cents)
+        key = f"{key}:{refunded}"  # each partial refund is its own running total
+    event = refunds.new_event(
+        processor=processor,
+        event_key=key,
+        kind=resource,
+        sale_id=sale_id,
+        payment_ref=None,
+        payload=dict(ping),
+        now=tally.clock(),
+        dispute_ref=sale_id if resource.startswith("dispute") else None,
+        refunded_amount=refunded,
+    )
+    return _accepted(event=_record(tally, event))
+
+
+def _stripe_reversal(tally: Tally, event: dict[str, Any]) -> Response:
+    """`charge.refunded` (the refund's running total), `charge.dispute.created` and
+    `charge.dispute.closed`; each names the payment intent the order recorded."""
+    kind = event["type"]
+    found = event["data"]["object"]
+    if not isinstance(found, dict):
+        raise InvalidInput("the event has no object")
+    intent = found.get("payment_intent")
+    payment_ref = intent if isinstance(intent, str) else None
+    if payment_ref is None:
+        return _accepted(ignored="no payment intent")  # not a Checkout payment of Tally's
+    common: dict[str, Any] = {
+        "processor": "stripe",
+        "event_key": str(event.get("id") or ""),
+        "sale_id": None,
+        "payment_ref": payment_ref,
+        "payload": event,
+        "now": tally.clock(),
+    }
+    if kind == "charge.refunded":
+        made = refunds.new_event(
+            kind="refund",
+            refunded_amount=_amount(found.get("amount_refunded")),
+            charge_amount=_amount(found.get("amount")),
+            **common,
+        )
+    else:
+        status = found.get("status")
+        if kind == "charge.dispute.created":
+            reversal = "dispute"
+        elif status in ("won", "warning_closed"):  # the money stayed with the seller
+            reversal = "dispute_won"
+        elif status == "lost":
+            reversal = "dispute_lost"
+        else:
+            return _accepted(ignored=f"dispute {status}")
+        made = refunds.new_event(kind=reversal, dispute_ref=str(found.get("id") or ""), **common)
+    return _accepted(event=_record(tally, made))
+
+
+def _amount(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput("amounts are whole, non-negative numbers of minor units")
+    return value
+
+
+def _record(tally: Tally, event: ProcessorEvent) -> str:
+    return refunds.record_event(
+        event, tally.uow(), pepper=tally.pepper, links=tally.links, catalog=tally.catalog
+    )
 
 
 def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
@@ -147,6 +234,8 @@ async def stripe_webhook(
         await request.body(), stripe_signature, tally.settings.stripe_webhook_secret
     )
     kind = event["type"]
+    if kind in ("charge.refunded", "charge.dispute.created", "charge.dispute.closed"):
+        return await run_in_threadpool(_stripe_reversal, tally, event)  # issue 5
     if kind not in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         return _accepted(ignored=kind)
     session = event["data"]["object"]
