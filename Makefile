@@ -42,6 +42,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/http.py
+	$(BIN)/python bench/commerce.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

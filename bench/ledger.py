@@ -13,6 +13,13 @@ Machines are noisy: compare the ratios, not the absolute rates.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: keep bench/ out of the module path (bench/http.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import os
 import secrets

@@ -99,7 +99,7 @@ def account(server: Server, admin_key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def revoked(server: Server, http: httpx.Client) -> str:
+def revoked(server: Server, http: httpx.Client, account: str) -> str:
     """A key that worked until `tally keys revoke`; its sibling key is spared."""
     key, sibling = server.keys("auth-revoked", "read,spend,grant,support", "read")
 
@@ -108,6 +108,20 @@ def revoked(server: Server, http: httpx.Client) -> str:
 
     ok(tools(key))
     ok(tools(sibling))
+    # The spending and granting routes remember a key once it worked (the change re-checks
+    # it in its own transaction): use it there first, so the matrix tests that path too.
+    headers = {"Authorization": f"Bearer {key}"}
+    for path, body in (
+        (f"/v1/accounts/{account}/grants", {"amount": 5, "source": "promotional", "reason": "t"}),
+        (f"/v1/accounts/{account}/debits", {"amount": 1}),
+        (f"/v1/accounts/{account}/holds", {"amount": 1}),
+    ):
+        ok(
+            http.post(
+                path, json=body, headers={**headers, "Idempotency-Key": secrets.token_hex(8)}
+            ),
+            201,
+        )
     server.revoke(key)
     # At once: the very next request with it is refused; the sibling still works.
     problem(tools(key), 401, "api_key_invalid")

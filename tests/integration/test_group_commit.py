@@ -11,8 +11,14 @@ import pytest
 
 from tally.adapters.db.engine import Database
 from tally.adapters.db.uow import SqlUnitOfWork
-from tally.domain.errors import HoldNotFound, IdempotencyKeyReused, InsufficientCredits
-from tally.service import ledger
+from tally.domain.errors import (
+    ApiKeyInvalid,
+    HoldNotFound,
+    IdempotencyKeyReused,
+    InsufficientCredits,
+)
+from tally.domain.model import Debit
+from tally.service import ledger, platforms
 from tally.service.group_commit import GroupCommit
 from tests.support import FakeClock
 
@@ -176,3 +182,38 @@ def test_many_threads_through_the_group_never_overdraw(db: Database, clock: Fake
     assert ledger.get_balance("hot", uow).available == 0
     assert ledger.check(uow).violations == []
     assert group.changes >= 600
+
+
+def test_a_change_under_a_revoked_key_is_refused_in_the_shared_transaction(
+    db: Database, clock: FakeClock
+) -> None:
+    """The HTTP spend routes trust a cached key; the batch re-checks it (UnitOfWork.credential),
+    so a key revoked a moment ago is refused, while its batch-mates commit."""
+    group, uow = grouped(db, clock)
+    good = platforms.create_platform("site", "spend", SqlUnitOfWork(db, clock)).record.prefix
+    gone = platforms.create_key("site", "spend", SqlUnitOfWork(db, clock)).record.prefix
+    platforms.revoke_key(gone, SqlUnitOfWork(db, clock))
+    for account in ("ann", "bob"):
+        ledger.grant(
+            ledger.GrantCredits(account_id=account, amount=10, idempotency_key=account), uow
+        )
+
+    def debit(account: str, key: str, credential: str) -> Callable[[], Any]:
+        unit = SqlUnitOfWork(db, clock, group)
+        unit.credential = credential
+        cmd = ledger.DebitCredits(account_id=account, amount=3, idempotency_key=key)
+        return lambda: ledger.debit(cmd, unit)
+
+    results = one_batch(
+        group,
+        [
+            debit("ann", "k1", good),
+            debit("bob", "k2", gone),
+            debit("bob", "k3", "tly_nosuchkey"),
+            debit("bob", "k4", good),
+        ],
+    )
+    assert [type(result) for result in results] == [Debit, ApiKeyInvalid, ApiKeyInvalid, Debit]
+    committed_together(group)
+    assert ledger.get_balance("ann", uow).available == 7
+    assert ledger.get_balance("bob", uow).available == 7  # only k4 spent

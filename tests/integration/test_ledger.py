@@ -27,7 +27,7 @@ from tally.domain.errors import (
     LotNotFound,
     TallyError,
 )
-from tally.domain.model import EntryType, HoldStatus
+from tally.domain.model import EntryType, HoldStatus, Origin
 from tally.service import ledger
 from tests.support import FakeClock
 
@@ -485,3 +485,32 @@ def test_metadata_and_list_results_round_trip(uow: SqlUnitOfWork) -> None:
     first = ledger.claw_back(cmd, uow)
     assert ledger.claw_back(cmd, uow) == first  # a list result replays from JSON
     assert ledger.get_balance("quin", uow).debt == 6
+
+
+def test_one_save_writes_many_rows_of_each_kind(uow: SqlUnitOfWork) -> None:
+    """A save of many changed rows (PostgreSQL: multi-row statements, 64 rows at most each)
+    writes every one of them: the journal, the lots' remaining and the projection agree."""
+    origin = Origin("bulk")
+    with uow:
+        now = uow.clock()
+        account = uow.accounts.get_for_update("bulk", create_at=now)
+        assert account is not None
+        for priority in range(3):
+            account.grant(
+                amount=100,
+                source="promotional",
+                expires_at=None,
+                priority=priority,
+                now=now,
+                origin=origin,
+            )
+        for _ in range(150):  # 100 from the first lot, 50 from the second
+            account.debit(amount=1, now=now, origin=origin)
+        uow.accounts.save(account)
+        uow.commit()
+    assert available(uow, "bulk") == 150
+    page, _ = ledger.list_lots("bulk", uow, limit=10)
+    remaining = sorted(lot.remaining for lot in page.items)
+    assert remaining == [0, 50, 100]
+    assert len(ledger.list_entries("bulk", uow, limit=500).items) == 3 + 150
+    assert_conserved(uow)

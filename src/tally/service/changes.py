@@ -12,7 +12,7 @@ from typing import Any, Final, Generic, TypeVar
 from pydantic import TypeAdapter
 
 from tally.domain import values
-from tally.domain.errors import AccountNotFound, IdempotencyKeyReused, TallyError
+from tally.domain.errors import AccountNotFound, ApiKeyInvalid, IdempotencyKeyReused, TallyError
 from tally.domain.model import Account, Origin
 from tally.service.ports import IdempotencyRace, UnitOfWork
 
@@ -39,6 +39,7 @@ class Change(Generic[R]):
         "adapter",
         "cmd",
         "create",
+        "credential",
         "hold_ids",
         "key",
         "lot_ids",
@@ -67,6 +68,7 @@ class Change(Generic[R]):
         self.create = create
         self.lot_ids = lot_ids
         self.hold_ids = hold_ids
+        self.credential: str | None = None  # see UnitOfWork.credential
 
     def account_id(self, uow: UnitOfWork) -> str:
         return self.account if isinstance(self.account, str) else self.account(uow)
@@ -80,6 +82,7 @@ class Change(Generic[R]):
 def run(uow: UnitOfWork, change: Change[R]) -> R:
     """Run a change in the unit of work's commit group if it has one, else alone; record on
     the unit of work whether the answer was a replay."""
+    change.credential = uow.credential
     group = uow.group
     result, uow.replayed = group.submit(change) if group is not None else run_alone(uow, change)
     return result
@@ -97,6 +100,7 @@ def run_alone(uow: UnitOfWork, change: Change[R]) -> tuple[R, bool]:
     """
     with uow:
         now = uow.clock()
+        check_credential(uow, change)
         try:
             account_id = change.account_id(uow)
             locked = uow.accounts.get_for_update(
@@ -135,6 +139,14 @@ def run_alone(uow: UnitOfWork, change: Change[R]) -> tuple[R, bool]:
         stored = uow.idempotency.get(change.scope, change.key)
     assert stored is not None, "a key that lost a race has a stored winner"
     return change.replay(stored.request_hash, stored.response), True
+
+
+def check_credential(uow: UnitOfWork, change: Change[Any]) -> None:
+    """A change made under a cached API key fails unless the key is still in force: checked
+    in the change's own transaction, so a revoked key stops working at once (before any
+    replay)."""
+    if change.credential is not None and not uow.platforms.in_force(change.credential):
+        raise ApiKeyInvalid
 
 
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}

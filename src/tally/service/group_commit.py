@@ -155,7 +155,12 @@ class GroupCommit:
             now = uow.clock()
             owners: dict[_Pending, str] = {}
             keys: set[tuple[str, str]] = set()
+            credentials = {p.change.credential for p in batch} - {None}
+            revoked = {c for c in credentials if c is not None and not uow.platforms.in_force(c)}
             for pending in batch:
+                if pending.change.credential in revoked:
+                    outcome.alone.append(pending)  # refused there, in its own transaction
+                    continue
                 key = (pending.change.scope, pending.change.key)
                 try:
                     account_id = pending.change.account_id(uow)

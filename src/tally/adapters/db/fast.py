@@ -16,12 +16,16 @@ from datetime import UTC, datetime
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Dialect
+from sqlalchemy import Connection, Dialect, Table, bindparam, update
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.expression import ClauseElement
 
 #: The text SQLAlchemy's SQLite DATETIME writes and parses back.
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+#: PostgreSQL: most rows per multi-row statement. Bounds the parameters per statement (far
+#: below the protocol's 65,535) and the distinct statement texts each connection prepares.
+MANY_ROWS_MAX = 64
 
 
 _PLAIN = frozenset({str, int, type(None)})
@@ -61,6 +65,17 @@ def _encode_postgresql(value: Any) -> Any:
         return json.dumps(value.value, separators=(",", ":"))  # the statement casts to JSONB
     assert not isinstance(value, datetime) or value.tzinfo is not None
     return value
+
+
+def update_by_key(table: Table, key: str, columns: tuple[str, ...]) -> FastStatement:
+    """`UPDATE table SET columns... WHERE key = ...`, parameters named `b_<column>`; on
+    PostgreSQL many rows run as one `UPDATE ... FROM (VALUES ...)`."""
+    statement = (
+        update(table)
+        .where(table.c[key] == bindparam(f"b_{key}"))
+        .values({column: bindparam(f"b_{column}") for column in columns})
+    )
+    return FastStatement(statement, keyed=(table, key))
 
 
 def decode_time(value: Any) -> Any:
@@ -106,7 +121,7 @@ def _positional(dialect: Dialect) -> Dialect:
 
 
 class _Compiled:
-    __slots__ = ("defaults", "positions", "row", "sql")
+    __slots__ = ("defaults", "many", "positions", "row", "sql")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         dialect = _positional(dialect)
@@ -116,15 +131,22 @@ class _Compiled:
         self.positions = tuple(compiled.positiontup or ()) if dialect.positional else None
         self.defaults = dict(compiled.params)
         self.row: Any = None
+        self.many: dict[int, str] = {}  # multi-row texts by row count (PostgreSQL)
 
 
 class FastStatement:
-    """A Core statement to run many times. Not for statements with expanding IN lists."""
+    """A Core statement to run many times. Not for statements with expanding IN lists.
 
-    __slots__ = ("_by_dialect", "statement")
+    On PostgreSQL, `execute_many` sends an INSERT, or an UPDATE made by `update_by_key`, as
+    one statement for up to MANY_ROWS_MAX rows (`VALUES (...), (...)`): the server plans and
+    runs one statement, and the driver parses one result, instead of one per row.
+    """
 
-    def __init__(self, statement: ClauseElement) -> None:
+    __slots__ = ("_by_dialect", "_keyed", "statement")
+
+    def __init__(self, statement: ClauseElement, *, keyed: tuple[Table, str] | None = None) -> None:
         self.statement = statement
+        self._keyed = keyed
         self._by_dialect: dict[str, _Compiled] = {}
 
     def _compiled(self, connection: Connection) -> _Compiled:
@@ -158,9 +180,53 @@ class FastStatement:
             self.execute(connection, rows[0])
             return
         compiled = self._compiled(connection)
-        _write_cursor(connection).executemany(
+        cursor = _write_cursor(connection)
+        if connection.dialect.name == "postgresql" and self._multi_row(compiled, 2) is not None:
+            if self._keyed is not None:  # UPDATE ... FROM VALUES would apply one row of a pair
+                key = f"b_{self._keyed[1]}"
+                assert len({row[key] for row in rows}) == len(rows), "one update per row"
+            for start in range(0, len(rows), MANY_ROWS_MAX):
+                chunk = rows[start : start + MANY_ROWS_MAX]
+                sql = self._multi_row(compiled, len(chunk))
+                assert sql is not None
+                arguments: list[Any] = []
+                for row in chunk:
+                    arguments += self._arguments(compiled, connection, row)
+                cursor.execute(sql, arguments)
+            return
+        cursor.executemany(
             compiled.sql, [self._arguments(compiled, connection, row) for row in rows]
         )
+
+    def _multi_row(self, compiled: _Compiled, count: int) -> str | None:
+        """The statement for `count` rows at once, or None when it has no such form."""
+        sql = compiled.many.get(count)
+        if sql is not None:
+            return sql
+        if self._keyed is not None:
+            table, key = self._keyed
+            # The single-row text already casts each parameter (`%s::BIGINT`); its casts type
+            # the VALUES list, and its parameter order (SET columns, then the key) is kept.
+            head, _, where = compiled.sql.rpartition(" WHERE ")
+            assigned = [part.split("=", 1) for part in head.split(" SET ", 1)[1].split(", ")]
+            columns = [name.strip() for name, _ in assigned]
+            casts = [cast.strip() for _, cast in assigned] + [where.split("=", 1)[1].strip()]
+            row = f"({', '.join(casts)})"
+            # Names come from the schema's own compiled statement, never from input.
+            assign = ", ".join(f"{c} = v.{c}" for c in columns)
+            rows = ", ".join([row] * count)
+            names = ", ".join([*columns, key])
+            sql = f"UPDATE {table.name} SET {assign} FROM (VALUES {rows}) AS v({names}) "  # noqa: S608
+            sql += f"WHERE {table.name}.{key} = v.{key}"
+        elif isinstance(self.statement, Insert):
+            head, _, row = compiled.sql.partition(" VALUES ")
+            if not (row.startswith("(") and row.endswith(")") and ")" not in row[:-1]):
+                return None  # ON CONFLICT, RETURNING: keep one statement per row
+            sql = f"{head} VALUES {', '.join([row] * count)}"
+        else:
+            return None
+        compiled.many[count] = sql
+        return sql
 
     def rows(
         self, connection: Connection, params: dict[str, Any], *, after: FastStatement | None = None

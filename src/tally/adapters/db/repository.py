@@ -24,14 +24,20 @@ from sqlalchemy import (
     select,
     true,
     tuple_,
-    update,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
-from tally.adapters.db.fast import FastStatement, Json, decode_json, decode_time, json_or_null
+from tally.adapters.db.fast import (
+    FastStatement,
+    Json,
+    decode_json,
+    decode_time,
+    json_or_null,
+    update_by_key,
+)
 from tally.adapters.db.schema import (
     UTCDateTime,
     accounts,
@@ -185,36 +191,13 @@ _LOTS_BY_ID = select(lots).where(
     lots.c.account_id == bindparam("account_id"),
     lots.c.lot_id.in_(bindparam("lot_ids", expanding=True)),
 )
-_UPDATE_ACCOUNT = FastStatement(
-    update(accounts)
-    .where(accounts.c.account_id == bindparam("b_account_id"))
-    .values(
-        debt=bindparam("b_debt"),
-        entry_seq=bindparam("b_entry_seq"),
-        pending_holds=bindparam("b_pending_holds"),
-        email=bindparam("b_email"),
-    )
+_UPDATE_ACCOUNT = update_by_key(
+    accounts, "account_id", ("debt", "entry_seq", "pending_holds", "email")
 )
-_UPDATE_LOT = FastStatement(
-    update(lots)
-    .where(lots.c.lot_id == bindparam("b_lot_id"))
-    .values(
-        remaining=bindparam("b_remaining"),
-        is_open=bindparam("b_is_open"),
-        voided_at=bindparam("b_voided_at"),
-    )
-)
+_UPDATE_LOT = update_by_key(lots, "lot_id", ("remaining", "is_open", "voided_at"))
 # The common case, a spend that leaves the lot open: touches no index.
-_UPDATE_LOT_REMAINING = FastStatement(
-    update(lots)
-    .where(lots.c.lot_id == bindparam("b_lot_id"))
-    .values(remaining=bindparam("b_remaining"))
-)
-_UPDATE_HOLD = FastStatement(
-    update(holds)
-    .where(holds.c.hold_id == bindparam("b_hold_id"))
-    .values(status=bindparam("b_status"), captured=bindparam("b_captured"))
-)
+_UPDATE_LOT_REMAINING = update_by_key(lots, "lot_id", ("remaining",))
+_UPDATE_HOLD = update_by_key(holds, "hold_id", ("status", "captured"))
 _INSERT_LOTS = FastStatement(insert(lots))
 _INSERT_HOLDS = FastStatement(insert(holds))
 _INSERT_ALLOCATIONS = FastStatement(insert(hold_allocations))
