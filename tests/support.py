@@ -14,8 +14,12 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.schema import metadata
+from tally.domain import codes
+from tally.service.commerce import Links
+from tally.service.ports import Email, MailTemporary
 
 POSTGRES_URL = os.environ.get(
     "TALLY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -111,3 +115,28 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+# --- commerce: one pepper, one set of links and the default catalog for every test ---------------
+
+PEPPER = codes.pepper("test secret")
+LINKS = Links(
+    redeem_url="http://tally.test/redeem",
+    lost_code_url="http://tally.test/lost-code",
+    mail_from="Tally <credits@tally.test>",
+    mail_domain="tally.test",
+)
+CATALOG = builtin()
+
+
+class Outbox:
+    """A mailer that keeps what it was given, and can be told to fail."""
+
+    def __init__(self) -> None:
+        self.sent: list[Email] = []
+        self.down = False
+
+    def send(self, email: Email, now: datetime) -> None:
+        if self.down:
+            raise MailTemporary("connection refused")
+        self.sent.append(email)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database
 from tally.adapters.db.schema import codes as codes_table
 from tally.adapters.db.schema import orders, outbox
@@ -23,31 +21,9 @@ from tally.domain import codes
 from tally.domain.commerce import Sale
 from tally.domain.errors import CodeInvalidOrUsed, RateLimited
 from tally.service import commerce, ledger
-from tally.service.ports import Email, MailTemporary
+from tally.service.ports import Email
 from tests.conftest import DATABASES
-from tests.support import FakeClock, database
-
-PEPPER = codes.pepper("test secret")
-LINKS = commerce.Links(
-    redeem_url="http://tally.test/redeem",
-    lost_code_url="http://tally.test/lost-code",
-    mail_from="Tally <credits@tally.test>",
-    mail_domain="tally.test",
-)
-CATALOG = builtin()
-
-
-class Outbox:
-    """A mailer that keeps what it was given, and can be told to fail."""
-
-    def __init__(self) -> None:
-        self.sent: list[Email] = []
-        self.down = False
-
-    def send(self, email: Email, now: datetime) -> None:
-        if self.down:
-            raise MailTemporary("connection refused")
-        self.sent.append(email)
+from tests.support import CATALOG, LINKS, PEPPER, FakeClock, Outbox, database
 
 
 def _sale(clock: FakeClock, sale_id: str = "sale-1", **changes: Any) -> Sale:

@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database
 from tally.adapters.db.migrate import upgrade
 from tally.adapters.db.schema import codes as codes_table
 from tally.adapters.db.schema import entries, outbox, processor_events
 from tally.adapters.db.uow import SqlUnitOfWork
-from tally.domain import codes, values
+from tally.domain import values
 from tally.domain.commerce import CodeStatus, Order, OrderStatus, Sale
 from tally.domain.errors import (
     AlreadyRefunded,
@@ -36,16 +35,7 @@ from tally.domain.errors import (
 from tally.service import commerce, ledger, refunds
 from tally.service.ports import ProcessorEvent, RefundFailed, RefundRequest
 from tests.conftest import DATABASES
-from tests.support import FakeClock, database
-
-PEPPER = codes.pepper("test secret")
-LINKS = commerce.Links(
-    redeem_url="http://tally.test/redeem",
-    lost_code_url="http://tally.test/lost-code",
-    mail_from="Tally <credits@tally.test>",
-    mail_domain="tally.test",
-)
-CATALOG = builtin()
+from tests.support import CATALOG, LINKS, PEPPER, FakeClock, database
 
 
 class Gateway:

@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database
 from tally.adapters.db.schema import codes as codes_table
 from tally.adapters.db.schema import orders as orders_table
@@ -37,24 +36,7 @@ from tally.domain.errors import (
 from tally.service import commerce, ledger, orders
 from tally.service.ports import Email
 from tests.conftest import DATABASES
-from tests.support import FakeClock, database
-
-PEPPER = codes.pepper("test secret")
-LINKS = commerce.Links(
-    redeem_url="http://tally.test/redeem",
-    lost_code_url="http://tally.test/lost-code",
-    mail_from="Tally <credits@tally.test>",
-    mail_domain="tally.test",
-)
-CATALOG = builtin()
-
-
-class Outbox:
-    def __init__(self) -> None:
-        self.sent: list[Email] = []
-
-    def send(self, email: Email, now: object) -> None:
-        self.sent.append(email)
+from tests.support import CATALOG, LINKS, PEPPER, FakeClock, Outbox, database
 
 
 def _deliver(uow: SqlUnitOfWork) -> list[Email]:

@@ -14,7 +14,6 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
-from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.schema import codes as codes_table
 from tally.adapters.db.schema import (
@@ -26,7 +25,7 @@ from tally.adapters.db.schema import (
     staff_sessions,
 )
 from tally.adapters.db.uow import SqlUnitOfWork
-from tally.domain import codes, values
+from tally.domain import values
 from tally.domain.commerce import Message, Sale
 from tally.domain.errors import (
     AccountNotFound,
@@ -44,16 +43,8 @@ from tally.entrypoints import cli
 from tally.service import commerce, ledger, refunds, staff
 from tally.service import orders as orders_service
 from tally.service.ports import RefundRequest
-from tests.support import FakeClock
+from tests.support import CATALOG, LINKS, PEPPER, FakeClock
 
-PEPPER = codes.pepper("test secret")
-LINKS = commerce.Links(
-    redeem_url="http://tally.test/redeem",
-    lost_code_url="http://tally.test/lost-code",
-    mail_from="Tally <credits@tally.test>",
-    mail_domain="tally.test",
-)
-CATALOG = builtin()
 PASSWORD = "correct horse battery"
 
 

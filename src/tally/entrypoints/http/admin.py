@@ -31,7 +31,7 @@ from tally.domain.errors import (
 )
 from tally.entrypoints.http.v1 import tally_dependency
 from tally.entrypoints.views import lot_status
-from tally.service import ledger, staff
+from tally.service import ledger, orders, refunds, staff
 from tally.service.ports import DayTotals
 from tally.service.staff import StaffSession
 
@@ -505,8 +505,6 @@ def refund(
     key: FormToken = None,
     reason: Reason = None,
 ) -> Response:
-    from tally.service import refunds
-
     def action(who: StaffSession) -> str:
         refunds.refund_order(
             refunds.RefundOrder(
@@ -542,8 +540,6 @@ def reissue(
     key: FormToken = None,
     reason: Reason = None,
 ) -> Response:
-    from tally.service import orders
-
     def action(who: StaffSession) -> str:
         orders.reissue_code(
             orders.ReissueCode(
