@@ -42,6 +42,7 @@ class Processors:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.gumroad_refusals: dict[str, tuple[int, str]] = {}
+        self.gumroad_refunded: set[str] = set()  # sales Gumroad's API says are refunded
         self.stripe_errors: dict[str, tuple[int, dict[str, Any]]] = {}
         self.sessions: dict[str, str] = {}  # Checkout Session id -> payment intent
         outer = self
@@ -78,7 +79,10 @@ class Processors:
                 path, _ = self._record("GET")
                 if path.startswith("/v2/sales/"):  # the sale confirmation before fulfilment
                     sale_id = path.rsplit("/", 1)[-1]
-                    self._answer(200, {"success": True, "sale": {"id": sale_id}})
+                    refunded = sale_id in outer.gumroad_refunded
+                    self._answer(
+                        200, {"success": True, "sale": {"id": sale_id, "refunded": refunded}}
+                    )
                 elif path.startswith("/v1/checkout/sessions/"):
                     session = path.rsplit("/", 1)[-1]
                     intent = outer.sessions.get(session)
@@ -644,6 +648,21 @@ def test_the_gumroad_adapter_reads_gumroad_answers(processors: Processors) -> No
         GumroadRefunds(processors.base_url, None).refund(_request("gumroad"))
     with pytest.raises(RefundFailed, match="could not be reached"):
         GumroadRefunds("http://127.0.0.1:9", ACCESS_TOKEN).refund(_request("gumroad"))
+
+
+def test_a_gumroad_refusal_of_a_sale_already_refunded_is_a_refund(
+    processors: Processors,
+) -> None:
+    """A retry after Tally failed to record a refund Gumroad made (or one the seller made in
+    Gumroad) is refused by Gumroad; the sale says it is refunded, so the refund stands."""
+    gumroad = GumroadRefunds(processors.base_url, ACCESS_TOKEN)
+    processors.gumroad_refusals["done-before"] = (404, "The sale was unable to be modified.")
+    processors.gumroad_refunded.add("done-before")
+    assert gumroad.refund(_request("gumroad", "done-before")) == "gumroad:done-before"
+    assert processors.asked("GET", "/v2/sales/done-before")
+    processors.gumroad_refunded.discard("done-before")  # refused and not refunded: a failure
+    with pytest.raises(RefundFailed, match="unable to be modified"):
+        gumroad.refund(_request("gumroad", "done-before"))
 
 
 def test_the_gumroad_adapter_quotes_the_sale_id(processors: Processors) -> None:

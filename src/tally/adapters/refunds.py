@@ -51,12 +51,29 @@ class GumroadRefunds:
         if not isinstance(body, dict):
             raise RefundFailed(f"Gumroad answered {answer.status_code} without JSON")
         if answer.status_code != 200 or body.get("success") is not True:
+            if self._refunded_already(request.sale_id):
+                # An earlier attempt refunded it and Tally could not record it then, or the
+                # seller refunded it in Gumroad: either way the money is back, so is Tally.
+                return f"gumroad:{request.sale_id}"
             message = body.get("message") or f"status {answer.status_code}"
             raise RefundFailed(f"Gumroad refused the refund: {_short(message)}")
         sale = body.get("sale")
         if isinstance(sale, dict) and sale.get("refunded") is False:
             raise RefundFailed("Gumroad answered success but the sale is not refunded")
         return f"gumroad:{request.sale_id}"
+
+    def _refunded_already(self, sale_id: str) -> bool:
+        """Whether Gumroad's sale says it is refunded (`GET /v2/sales/{id}`); any doubt is no."""
+        try:
+            answer = httpx.get(
+                f"{self.base_url}/v2/sales/{quote(sale_id, safe='')}",
+                params={"access_token": self.access_token},
+                timeout=HTTP_TIMEOUT_SECONDS,
+            )
+            sale = answer.json().get("sale") if answer.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+        return isinstance(sale, dict) and sale.get("refunded") is True
 
 
 class StripeRefunds:
