@@ -8,10 +8,8 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +18,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.e2e.fake_api import FakeApi, JsonHandler
 from tests.e2e.server import Server, running
 
 TOKEN = "path-token"
@@ -28,7 +27,7 @@ ACCESS_TOKEN = "gumroad-access-token"
 STRIPE_SECRET = "whsec_processors"
 
 
-class Processors:
+class Processors(FakeApi):
     """One local HTTP server playing both processors' APIs; it records what it was asked."""
 
     def __init__(self) -> None:
@@ -38,18 +37,7 @@ class Processors:
         self.line_items: dict[str, list[dict[str, Any]]] = {}
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 outer.requests.append(("GET", url.path, parse_qs(url.query)))
@@ -90,14 +78,7 @@ class Processors:
                 else:
                     self._answer(404, {"error": {"message": "no such route"}})
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

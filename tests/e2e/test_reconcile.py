@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +23,7 @@ from tally.adapters.catalog_file import builtin
 from tally.adapters.sales import GumroadSales
 from tally.domain.errors import ProcessorFailed
 from tests.conftest import DATABASES
+from tests.e2e.fake_api import FakeApi, JsonHandler
 from tests.e2e.server import Server, running
 from tests.mailserver import Inbox, smtp_server
 
@@ -35,7 +34,7 @@ GUMROAD_PAGE = 3
 STRIPE_PAGE = 2
 
 
-class Processors:
+class Processors(FakeApi):
     """Gumroad's sales list and Stripe's sessions list, in their documented shapes."""
 
     def __init__(self) -> None:
@@ -46,18 +45,7 @@ class Processors:
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
@@ -130,14 +118,7 @@ class Processors:
                     },
                 )
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

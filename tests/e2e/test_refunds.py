@@ -9,11 +9,9 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +24,7 @@ from tally.adapters.refunds import GumroadRefunds, ProcessorRefunds, StripeRefun
 from tally.config import Settings
 from tally.service.ports import RefundFailed, RefundRequest
 from tests.conftest import DATABASES
+from tests.e2e.fake_api import FakeApi, JsonHandler
 from tests.e2e.server import Api, Server, ok, problem, running
 
 TOKEN = "refunds-path-token"
@@ -35,7 +34,7 @@ STRIPE_KEY = "sk_test_refunds"
 STRIPE_SECRET = "whsec_refunds"
 
 
-class Processors:
+class Processors(FakeApi):
     """Gumroad's and Stripe's refund APIs on one local server; it records what it was asked.
     `gumroad_refusals` / `stripe_errors` make it answer the documented error shapes."""
 
@@ -47,18 +46,7 @@ class Processors:
         self.sessions: dict[str, str] = {}  # Checkout Session id -> payment intent
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _record(self, method: str) -> tuple[str, dict[str, list[str]]]:
                 url = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length", "0"))
@@ -146,14 +134,7 @@ class Processors:
                     status, {"error": {"type": f"{kind}_error", "code": code, "message": message}}
                 )
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__(Handler)
 
     def asked(self, method: str, path: str) -> list[dict[str, Any]]:
         return [r for r in self.requests if (r["method"], r["path"]) == (method, path)]
