@@ -6,6 +6,7 @@ import pytest
 
 from tests.conftest import DATABASES
 from tests.e2e.server import Server, running
+from tests.mailserver import Inbox, smtp_server
 
 
 @pytest.fixture(scope="module", params=DATABASES)
@@ -37,3 +38,10 @@ def shared_server(
 @pytest.fixture(scope="session")
 def shared_admin_key(shared_server: Server) -> str:
     return shared_server.key("e2e-admin")
+
+
+@pytest.fixture(scope="module")
+def inbox() -> Iterator[tuple[Inbox, int]]:
+    """An SMTP server of the test module's own, and its port."""
+    with smtp_server() as found:
+        yield found

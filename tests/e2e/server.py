@@ -23,6 +23,9 @@ from tests.support import free_port, postgres_schema
 TALLY = str(Path(sys.executable).parent / "tally")
 ALL_SCOPES = "read,spend,grant,support,admin"
 
+#: A code as an email shows it (rule 11).
+CODE = re.compile(r"\b[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}\b")
+
 
 #: Runs several `tally` commands (a JSON list of argument lists) in one process.
 _CLI_BATCH = """

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -19,20 +18,13 @@ import pytest
 
 from tally.domain import codes
 from tests.conftest import DATABASES
-from tests.e2e.server import Server, running
-from tests.mailserver import Inbox, smtp_server
+from tests.e2e.server import CODE, Server, running
+from tests.mailserver import Inbox
 from tests.support import free_port
 
 TOKEN = "gumroad-path-token"
 SELLER = "seller-42"
 STRIPE_SECRET = "whsec_test_secret"
-CODE = re.compile(r"\b[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}\b")
-
-
-@pytest.fixture(scope="module")
-def inbox() -> Iterator[tuple[Inbox, int]]:
-    with smtp_server() as found:
-        yield found
 
 
 @pytest.fixture(scope="module", params=DATABASES)

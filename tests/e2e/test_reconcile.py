@@ -25,7 +25,7 @@ from tally.domain.errors import ProcessorFailed
 from tests.conftest import DATABASES
 from tests.e2e.fake_api import FakeApi, JsonHandler
 from tests.e2e.server import Server, running
-from tests.mailserver import Inbox, smtp_server
+from tests.mailserver import Inbox
 
 TOKEN = "reconcile-path-token"
 SELLER = "seller-reconcile"
@@ -119,12 +119,6 @@ class Processors(FakeApi):
                 )
 
         super().__init__(Handler)
-
-
-@pytest.fixture(scope="module")
-def inbox() -> Iterator[tuple[Inbox, int]]:
-    with smtp_server() as found:
-        yield found
 
 
 @pytest.fixture

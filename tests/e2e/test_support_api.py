@@ -15,20 +15,13 @@ import httpx
 import pytest
 
 from tests.conftest import DATABASES
-from tests.e2e.server import Server, running
-from tests.mailserver import Inbox, smtp_server
+from tests.e2e.server import CODE, Server, running
+from tests.mailserver import Inbox
 
 TOKEN = "support-path-token"
 SELLER = "seller-support"
 LOST_CODE_LIMIT = 20  # per client address per hour, for this server
-CODE = re.compile(r"\b[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}\b")
 SENT = "If this matches an order, we have emailed a new code to the order&#39;s address."
-
-
-@pytest.fixture(scope="module")
-def inbox() -> Iterator[tuple[Inbox, int]]:
-    with smtp_server() as found:
-        yield found
 
 
 @pytest.fixture(scope="module", params=DATABASES)
