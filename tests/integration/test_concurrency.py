@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from tally.adapters.db.engine import Database
 from tally.adapters.db.schema import entries
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.domain.errors import AccountNotFound, IdempotencyKeyReused, InsufficientCredits
+from tally.domain.model import Origin
 from tally.service import ledger
 from tally.service.group_commit import GroupCommit
 from tests.conftest import DATABASES
@@ -191,3 +193,73 @@ def test_one_key_for_different_accounts_at_once_applies_once(pooled: Database) -
     total = sum(ledger.get_balance(f"acct-{n}", uow).available for n in range(8))
     assert total == 79
     assert ledger.check(uow).violations == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("many", [False, True], ids=["one-account", "a-batch"])
+def test_a_locking_read_that_waited_sees_the_lots_the_holder_wrote(
+    tmp_path: Path, many: bool
+) -> None:
+    """PostgreSQL re-reads only the locked account row after a wait; the lots joined to it
+    must still be the ones the lock holder committed (a new lot, a spent one), or the next
+    save would write back stale remainders."""
+    with database("postgresql", str(tmp_path)) as db:
+        clock = FakeClock()
+        uow = SqlUnitOfWork(db, clock)
+        for name in ("waited", "bystander"):
+            ledger.grant(ledger.GrantCredits(account_id=name, amount=10, idempotency_key=name), uow)
+        holder_locked = threading.Event()
+
+        def holder() -> None:
+            holder_uow = SqlUnitOfWork(db, clock)
+            with holder_uow:
+                now = clock()
+                account = holder_uow.accounts.get_for_update("waited")
+                assert account is not None
+                account.debit(amount=4, now=now, origin=Origin("spend"))
+                account.grant(
+                    amount=5,
+                    source="promotional",
+                    expires_at=None,
+                    priority=0,
+                    now=now,
+                    origin=Origin("top-up"),
+                )
+                holder_uow.accounts.save(account)
+                holder_locked.set()
+                _wait_for_a_lock_waiter(db)
+                holder_uow.commit()
+
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(holder)
+            assert holder_locked.wait(10)
+            reader = SqlUnitOfWork(db, clock)
+            with reader:
+                if many:
+                    loaded = reader.accounts.get_many_for_update(["bystander", "waited"])
+                    account = loaded["waited"]
+                else:
+                    found = reader.accounts.get_for_update("waited")
+                    assert found is not None
+                    account = found
+            done.result()
+        assert sorted(lot.remaining for lot in account.lots.values()) == [5, 6]
+        assert ledger.check(uow).violations == []
+
+
+def _wait_for_a_lock_waiter(db: Database) -> None:
+    """Block until another session waits on a row lock (the reader, behind the holder)."""
+    deadline = time.monotonic() + 10
+    with db.engine.connect() as connection:
+        while time.monotonic() < deadline:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+            ).scalar_one()
+            connection.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the reader never waited for the lock")

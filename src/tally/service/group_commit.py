@@ -42,16 +42,26 @@ R = TypeVar("R")
 _WAITING, _LEAD, _DONE, _ALONE, _FAILED = "waiting", "lead", "done", "alone", "failed"
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Pending:
     change: Change[Any]
     state: str = _WAITING
     result: Any = None
-    event: threading.Event = field(default_factory=threading.Event)
+    # Held until decided: a bare lock wakes its one waiter for less than an Event does.
+    decided: threading.Lock = field(default_factory=_held_lock)
 
     def decide(self, state: str, result: Any = None) -> None:
         self.state, self.result = state, result
-        self.event.set()
+        self.decided.release()
+
+    def wait(self) -> None:
+        self.decided.acquire()
 
 
 @dataclass(eq=False)
@@ -88,7 +98,7 @@ class GroupCommit:
         with self._lock:
             self._queue.append(pending)
             self._promote()
-        pending.event.wait()
+        pending.wait()
         if pending.state == _LEAD:
             self._lead(pending)
         if pending.state == _ALONE:

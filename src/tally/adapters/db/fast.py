@@ -23,9 +23,11 @@ from sqlalchemy.sql.expression import ClauseElement
 
 #: The text SQLAlchemy's SQLite DATETIME writes and parses back.
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-#: PostgreSQL: most rows per multi-row statement. Bounds the parameters per statement (far
-#: below the protocol's 65,535) and the distinct statement texts each connection prepares.
-MANY_ROWS_MAX = 64
+#: PostgreSQL: most rows per multi-row UPDATE. Bounds the parameters per statement (far below
+#: the protocol's 65,535) and the distinct statement texts each connection prepares.
+UPDATE_ROWS_MAX = 64
+#: PostgreSQL: most rows per multi-row INSERT, which bounds the JSON one statement sends.
+INSERT_ROWS_MAX = 1_000
 
 
 _PLAIN = frozenset({str, int, type(None)})
@@ -78,6 +80,19 @@ def update_by_key(table: Table, key: str, columns: tuple[str, ...]) -> FastState
     return FastStatement(statement, keyed=(table, key))
 
 
+def _jsonable(value: Any) -> Any:
+    """A value as `json_populate_recordset` reads it into the column's own type."""
+    kind = type(value)
+    if kind in _PLAIN or kind is bool:
+        return value  # ints stay exact: the server parses bigint from the JSON text
+    if kind is datetime:
+        assert value.tzinfo is not None
+        return value.isoformat()
+    if kind is Json:
+        return value.value  # a JSON column takes the nested value as it is
+    raise TypeError(f"no JSON form for a {kind.__name__} column value")
+
+
 def decode_time(value: Any) -> Any:
     """A time from either path: SQLite text or a naive/aware datetime, answered in aware UTC."""
     if value is None:
@@ -121,7 +136,7 @@ def _positional(dialect: Dialect) -> Dialect:
 
 
 class _Compiled:
-    __slots__ = ("defaults", "many", "positions", "row", "sql")
+    __slots__ = ("defaults", "insert_json", "many", "positions", "row", "sql")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         dialect = _positional(dialect)
@@ -131,15 +146,16 @@ class _Compiled:
         self.positions = tuple(compiled.positiontup or ()) if dialect.positional else None
         self.defaults = dict(compiled.params)
         self.row: Any = None
-        self.many: dict[int, str] = {}  # multi-row texts by row count (PostgreSQL)
+        self.many: dict[int, str] = {}  # UPDATE ... FROM (VALUES ...) texts by row count
+        self.insert_json: str | None = None  # all rows as JSON; "" when there is no such form
 
 
 class FastStatement:
     """A Core statement to run many times. Not for statements with expanding IN lists.
 
-    On PostgreSQL, `execute_many` sends an INSERT, or an UPDATE made by `update_by_key`, as
-    one statement for up to MANY_ROWS_MAX rows (`VALUES (...), (...)`): the server plans and
-    runs one statement, and the driver parses one result, instead of one per row.
+    On PostgreSQL, `execute_many` sends many rows of an INSERT, or of an UPDATE made by
+    `update_by_key`, as one statement: the server runs one statement and the driver parses
+    one result, instead of one per row.
     """
 
     __slots__ = ("_by_dialect", "_keyed", "statement")
@@ -181,52 +197,78 @@ class FastStatement:
             return
         compiled = self._compiled(connection)
         cursor = _write_cursor(connection)
-        if connection.dialect.name == "postgresql" and self._multi_row(compiled, 2) is not None:
-            if self._keyed is not None:  # UPDATE ... FROM VALUES would apply one row of a pair
-                key = f"b_{self._keyed[1]}"
-                assert len({row[key] for row in rows}) == len(rows), "one update per row"
-            for start in range(0, len(rows), MANY_ROWS_MAX):
-                chunk = rows[start : start + MANY_ROWS_MAX]
-                sql = self._multi_row(compiled, len(chunk))
-                assert sql is not None
-                arguments: list[Any] = []
-                for row in chunk:
-                    arguments += self._arguments(compiled, connection, row)
-                cursor.execute(sql, arguments)
-            return
+        if connection.dialect.name == "postgresql":
+            if self._keyed is not None:
+                self._update_many(compiled, cursor, connection, rows)
+                return
+            sql = self._insert_json(compiled)
+            if sql is not None:
+                assert compiled.positions is not None
+                for start in range(0, len(rows), INSERT_ROWS_MAX):
+                    chunk = []
+                    for row in rows[start : start + INSERT_ROWS_MAX]:
+                        merged = {**compiled.defaults, **row}
+                        chunk.append({name: _jsonable(merged[name]) for name in compiled.positions})
+                    cursor.execute(sql, (json.dumps(chunk, separators=(",", ":")),))
+                return
         cursor.executemany(
             compiled.sql, [self._arguments(compiled, connection, row) for row in rows]
         )
 
-    def _multi_row(self, compiled: _Compiled, count: int) -> str | None:
-        """The statement for `count` rows at once, or None when it has no such form."""
-        sql = compiled.many.get(count)
-        if sql is not None:
-            return sql
-        if self._keyed is not None:
-            table, key = self._keyed
-            # The single-row text already casts each parameter (`%s::BIGINT`); its casts type
-            # the VALUES list, and its parameter order (SET columns, then the key) is kept.
-            head, _, where = compiled.sql.rpartition(" WHERE ")
-            assigned = [part.split("=", 1) for part in head.split(" SET ", 1)[1].split(", ")]
-            columns = [name.strip() for name, _ in assigned]
-            casts = [cast.strip() for _, cast in assigned] + [where.split("=", 1)[1].strip()]
-            row = f"({', '.join(casts)})"
-            # Names come from the schema's own compiled statement, never from input.
-            assign = ", ".join(f"{c} = v.{c}" for c in columns)
-            rows = ", ".join([row] * count)
-            names = ", ".join([*columns, key])
-            sql = f"UPDATE {table.name} SET {assign} FROM (VALUES {rows}) AS v({names}) "  # noqa: S608
-            sql += f"WHERE {table.name}.{key} = v.{key}"
-        elif isinstance(self.statement, Insert):
-            head, _, row = compiled.sql.partition(" VALUES ")
-            if not (row.startswith("(") and row.endswith(")") and ")" not in row[:-1]):
-                return None  # ON CONFLICT, RETURNING: keep one statement per row
-            sql = f"{head} VALUES {', '.join([row] * count)}"
-        else:
+    def _update_many(
+        self, compiled: _Compiled, cursor: Any, connection: Connection, rows: list[dict[str, Any]]
+    ) -> None:
+        """`UPDATE ... FROM (VALUES (...), (...))`: a VALUES list, unlike a function of JSON,
+        tells the planner how many rows come, so it probes the key's index, not the table."""
+        assert self._keyed is not None
+        table, key = self._keyed
+        # UPDATE ... FROM would apply only one row of a pair with the same key.
+        assert len({row[f"b_{key}"] for row in rows}) == len(rows), "one update per row"
+        for start in range(0, len(rows), UPDATE_ROWS_MAX):
+            chunk = rows[start : start + UPDATE_ROWS_MAX]
+            sql = compiled.many.get(len(chunk))
+            if sql is None:
+                # The single-row text already casts each parameter (`%s::BIGINT`); its casts
+                # type the VALUES list, and its parameter order (SET columns, then the key) is
+                # kept. Names come from the schema's own compiled statement, never from input.
+                head, _, where = compiled.sql.rpartition(" WHERE ")
+                assigned = [part.split("=", 1) for part in head.split(" SET ", 1)[1].split(", ")]
+                columns = [name.strip() for name, _ in assigned]
+                casts = [cast.strip() for _, cast in assigned] + [where.split("=", 1)[1].strip()]
+                values = ", ".join([f"({', '.join(casts)})"] * len(chunk))
+                assign = ", ".join(f"{c} = v.{c}" for c in columns)
+                names = ", ".join([*columns, key])
+                sql = compiled.many[len(chunk)] = (
+                    f"UPDATE {table.name} SET {assign} FROM (VALUES {values}) "  # noqa: S608
+                    f"AS v({names}) WHERE {table.name}.{key} = v.{key}"
+                )
+            arguments: list[Any] = []
+            for row in chunk:
+                arguments += self._arguments(compiled, connection, row)
+            cursor.execute(sql, arguments)
+
+    def _insert_json(self, compiled: _Compiled) -> str | None:
+        """The INSERT that takes every row at once as one JSON array of objects, read into
+        rows of the table's own type by `json_populate_recordset`; None when it has no such
+        form. One short text with one parameter for any number of rows: psycopg converts it
+        once (a VALUES list of over 50 parameters it would parse again on every call), the
+        server prepares it once, and the rows cost one `json.dumps`."""
+        if compiled.insert_json is not None:
+            return compiled.insert_json or None
+        head, _, row = compiled.sql.partition(" VALUES ")
+        if not isinstance(self.statement, Insert) or not (
+            row.startswith("(") and row.endswith(")") and ")" not in row[:-1]
+        ):
+            compiled.insert_json = ""  # ON CONFLICT, RETURNING: one statement per row
             return None
-        compiled.many[count] = sql
-        return sql
+        assert compiled.positions is not None
+        table = self.statement.table.name
+        # Names come from the schema, never from input.
+        compiled.insert_json = (
+            f"{head} SELECT {', '.join(compiled.positions)} "  # noqa: S608
+            f"FROM json_populate_recordset(NULL::{table}, %s::json)"
+        )
+        return compiled.insert_json
 
     def rows(
         self, connection: Connection, params: dict[str, Any], *, after: FastStatement | None = None

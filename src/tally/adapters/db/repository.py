@@ -21,6 +21,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
     true,
     tuple_,
@@ -161,22 +162,31 @@ def _account_query(where: Any) -> Any:
 
 _ACCOUNT_QUERY = _account_query(accounts.c.account_id == bindparam("account_id"))
 _ACCOUNT = FastStatement(_ACCOUNT_QUERY)
-# The lock is its own statement: after waiting for it, PostgreSQL re-reads only the locked row,
-# so lots joined in the same statement could be stale. The read that follows sees them fresh.
-# Several accounts at once (a group commit on PostgreSQL), locked in sorted order.
 _MANY = bindparam("account_ids", type_=postgresql.ARRAY(String))
 _ACCOUNTS_MANY = FastStatement(_account_query(accounts.c.account_id == any_(_MANY)))
-_LOCK_ACCOUNTS_MANY = FastStatement(
-    select(accounts.c.account_id)
-    .where(accounts.c.account_id == any_(_MANY))
-    .order_by(accounts.c.account_id)
-    .with_for_update()
-)
-_LOCK_ACCOUNT = FastStatement(
-    select(accounts.c.account_id)
-    .where(accounts.c.account_id == bindparam("account_id"))
-    .with_for_update()
-)
+
+
+def _locked(query: Any) -> Any:
+    """PostgreSQL: the query that locks the accounts it reads, in account order (so batches
+    of several accounts never deadlock), and says per row whether what it read is `fresh`.
+
+    After waiting for a lock, PostgreSQL answers the newest version of the locked account row
+    but the lots joined to it as of the statement's start. Every change to an account's lots
+    also updates its row, so the row's version (xmin) in the statement's snapshot differs from
+    the locked one exactly when the lots may be stale; then the caller reads again, holding
+    the lock. Uncontended (nearly always), the lock and the read take one statement.
+    """
+    snapshot = accounts.alias("snapshot")
+    version: Any = literal_column("snapshot.xmin")
+    as_read = (
+        select(version).where(snapshot.c.account_id == accounts.c.account_id).scalar_subquery()
+    )
+    fresh = (literal_column("accounts.xmin") == as_read).label("fresh")
+    return query.add_columns(fresh).order_by(accounts.c.account_id).with_for_update(of=accounts)
+
+
+_LOCK_ACCOUNT = FastStatement(_locked(_ACCOUNT_QUERY))
+_LOCK_ACCOUNTS_MANY = FastStatement(_locked(_ACCOUNTS_MANY.statement))
 _PENDING_HOLDS = FastStatement(
     _hold_query().where(
         holds.c.account_id == bindparam("account_id"),
@@ -233,7 +243,10 @@ LoadedLots = dict[str, tuple[bool, datetime | None]]
 def _rows_of(
     account: Account, rows: dict[FastStatement, list[dict[str, Any]]], loaded: LoadedLots
 ) -> None:
-    if account.new_entries or account.email_changed:
+    touched = account.new_lots or account.changed_lot_ids or account.new_holds
+    # Any change to lots or holds rewrites the account row too: a new row version is how a
+    # locking read tells that the lots it joined may be stale (see `_locked`).
+    if account.new_entries or account.email_changed or touched or account.changed_hold_ids:
         rows[_UPDATE_ACCOUNT].append(
             {
                 "b_account_id": account.account_id,
@@ -361,16 +374,22 @@ class SqlAccounts:
     ) -> Account | None:
         key = {"account_id": account_id}
         # SQLite's write transaction (BEGIN IMMEDIATE) is the lock there.
-        lock_first = _LOCK_ACCOUNT if lock and self.dialect == "postgresql" else None
-        found = _ACCOUNT.rows(self.connection, key, after=lock_first)
+        locks = lock and self.dialect == "postgresql"
+        found = self._lock(key) if locks else _ACCOUNT.rows(self.connection, key)
         is_new = False
         if not found and create_at is not None:
             self._insert_account(account_id, create_at)
-            found = _ACCOUNT.rows(self.connection, key, after=lock_first)
+            found = self._lock(key) if locks else _ACCOUNT.rows(self.connection, key)
             is_new = True
         if not found:
             return None
         return self._complete(found, is_new=is_new, lot_ids=lot_ids, hold_ids=hold_ids)
+
+    def _lock(self, key: dict[str, Any]) -> list[Any]:
+        found = _LOCK_ACCOUNT.rows(self.connection, key)
+        if all(row.fresh for row in found):
+            return found
+        return _ACCOUNT.rows(self.connection, key)  # the lock is held: this read is current
 
     def get_many_for_update(
         self,
@@ -385,9 +404,11 @@ class SqlAccounts:
         ordered = sorted(set(account_ids))
         loaded: dict[str, Account] = {}
         if self.dialect == "postgresql" and len(ordered) > 1:
-            rows = _ACCOUNTS_MANY.rows(
-                self.connection, {"account_ids": ordered}, after=_LOCK_ACCOUNTS_MANY
-            )
+            rows = _LOCK_ACCOUNTS_MANY.rows(self.connection, {"account_ids": ordered})
+            stale = sorted({row.account_id for row in rows if not row.fresh})
+            if stale:  # the locks are held: this read is current
+                rows = [row for row in rows if row.account_id not in stale]
+                rows += _ACCOUNTS_MANY.rows(self.connection, {"account_ids": stale})
             by_account: dict[str, list[Any]] = {}
             for row in rows:
                 by_account.setdefault(row.account_id, []).append(row)

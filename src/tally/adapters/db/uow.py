@@ -55,7 +55,7 @@ class SqlUnitOfWork:
             lock.acquire()
             self._locked = True
         try:
-            connection = self.database.engine.connect()
+            connection = self.database.writer() if self._locked else self.database.engine.connect()
             if self._read_only:
                 # A snapshot: the several reads of a balance or an audit see one instant.
                 options: dict[str, object] = {READ_ONLY: True}
@@ -147,8 +147,11 @@ class SqlUnitOfWork:
             self._read_only, self._snapshot = False, True
 
     def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
+        connection = self._connection
+        # The writer connection stays open (Database.writer), unless a failed rollback left
+        # it inside a transaction: then the next writer gets a new one.
+        if connection is not None and (not self._locked or connection.in_transaction()):
+            connection.close()
         self._connection = None
         self._transaction = None
         if self._locked:
