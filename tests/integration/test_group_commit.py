@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from tally.domain.errors import (
 )
 from tally.domain.model import Debit
 from tally.service import ledger, platforms
+from tally.service.changes import run_async
 from tally.service.group_commit import GroupCommit
 from tests.support import FakeClock
 
@@ -217,3 +219,111 @@ def test_a_change_under_a_revoked_key_is_refused_in_the_shared_transaction(
     committed_together(group)
     assert ledger.get_balance("ann", uow).available == 7
     assert ledger.get_balance("bob", uow).available == 7  # only k4 spent
+
+
+# --- changes submitted from an event loop (the HTTP spend routes) ---------------------------
+
+
+def test_changes_from_an_event_loop_share_batches_and_refusals_surface(
+    db: Database, clock: FakeClock
+) -> None:
+    """Many debits awaited at once on one loop: they share transactions, each caller gets its
+    own result or its own refusal, and the account ends exact."""
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="loop", amount=50, idempotency_key="g"), uow)
+
+    async def spend(n: int) -> Debit:
+        unit = SqlUnitOfWork(db, clock, group)
+        cmd = ledger.DebitCredits(account_id="loop", amount=1, idempotency_key=f"d{n}")
+        return await run_async(unit, ledger.debit_change(cmd))
+
+    async def everything() -> list[Any]:
+        return await asyncio.gather(*(spend(n) for n in range(80)), return_exceptions=True)
+
+    results = asyncio.run(everything())
+    debits = [r for r in results if isinstance(r, Debit)]
+    refused = [r for r in results if isinstance(r, InsufficientCredits)]
+    assert len(debits) == 50, [r for r in results if not isinstance(r, Debit)][:3]
+    assert len(refused) == 30
+    assert len({d.id for d in debits}) == 50
+    assert group.batches < group.changes, "awaited changes must have shared transactions"
+    assert ledger.get_balance("loop", uow).available == 0
+    assert ledger.check(uow).violations == []
+
+
+def test_an_awaited_change_replays_its_key_like_a_threaded_one(
+    db: Database, clock: FakeClock
+) -> None:
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="rep", amount=9, idempotency_key="g"), uow)
+    cmd = ledger.DebitCredits(account_id="rep", amount=2, idempotency_key="once")
+    first = ledger.debit(cmd, SqlUnitOfWork(db, clock, group))
+    unit = SqlUnitOfWork(db, clock, group)
+    again = asyncio.run(run_async(unit, ledger.debit_change(cmd)))
+    assert again == first
+    assert unit.replayed
+    other = ledger.DebitCredits(account_id="rep", amount=3, idempotency_key="once")
+    with pytest.raises(IdempotencyKeyReused):
+        asyncio.run(run_async(SqlUnitOfWork(db, clock, group), ledger.debit_change(other)))
+    assert ledger.get_balance("rep", uow).available == 7
+
+
+def test_cancelled_waiters_neither_stall_the_queue_nor_lose_a_lead(
+    db: Database, clock: FakeClock
+) -> None:
+    """A request cancelled while its change waits (a client gone) must not leave a lead
+    untaken: every later change still completes, and what committed is exactly what the
+    journal shows."""
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="gone", amount=1_000, idempotency_key="g"), uow)
+
+    async def spend(n: int) -> Debit:
+        unit = SqlUnitOfWork(db, clock, group)
+        cmd = ledger.DebitCredits(account_id="gone", amount=1, idempotency_key=f"c{n}")
+        return await run_async(unit, ledger.debit_change(cmd))
+
+    async def everything() -> list[Any]:
+        tasks = [asyncio.create_task(spend(n)) for n in range(60)]
+        await asyncio.sleep(0)  # every task has queued its change
+        for task in tasks[::3]:
+            task.cancel()
+        # A stalled queue fails here, after the timeout, rather than hanging the run.
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        later = await asyncio.wait_for(spend(1_000), timeout=30)  # the queue still moves
+        return [*done, later]
+
+    results = asyncio.run(everything())
+    completed = [r for r in results if isinstance(r, Debit)]
+    assert len(completed) >= 41  # the 40 never cancelled, and the one after
+    assert all(isinstance(r, Debit | asyncio.CancelledError) for r in results), results
+    spent = 1_000 - ledger.get_balance("gone", uow).available
+    assert len(completed) <= spent <= 61  # cancelled changes may still have committed
+    assert ledger.check(uow).violations == []
+
+
+def test_threads_and_an_event_loop_share_one_group(db: Database, clock: FakeClock) -> None:
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="mix", amount=400, idempotency_key="g"), uow)
+
+    def threaded(index: int) -> None:
+        unit = SqlUnitOfWork(db, clock, group)
+        for n in range(25):
+            cmd = ledger.DebitCredits(account_id="mix", amount=1, idempotency_key=f"t{index}-{n}")
+            ledger.debit(cmd, unit)
+
+    async def awaited() -> None:
+        async def spend(n: int) -> None:
+            unit = SqlUnitOfWork(db, clock, group)
+            cmd = ledger.DebitCredits(account_id="mix", amount=1, idempotency_key=f"a{n}")
+            await run_async(unit, ledger.debit_change(cmd))
+
+        await asyncio.gather(*(spend(n) for n in range(200)))
+
+    threads = [threading.Thread(target=threaded, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    asyncio.run(awaited())
+    for thread in threads:
+        thread.join(timeout=60)
+    assert ledger.get_balance("mix", uow).available == 100
+    assert ledger.check(uow).violations == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -85,6 +86,19 @@ def run(uow: UnitOfWork, change: Change[R]) -> R:
     change.credential = uow.credential
     group = uow.group
     result, uow.replayed = group.submit(change) if group is not None else run_alone(uow, change)
+    return result
+
+
+async def run_async(uow: UnitOfWork, change: Change[R]) -> R:
+    """`run` for code on an event loop (the HTTP spend routes). In a commit group the change
+    waits without holding a thread: only a batch's leader, and a change that must run alone,
+    take one of the loop's executor threads, so a request costs no thread hand-off of its own."""
+    change.credential = uow.credential
+    group = uow.group
+    if group is None:
+        result, uow.replayed = await asyncio.to_thread(run_alone, uow, change)
+    else:
+        result, uow.replayed = await group.submit_async(change)
     return result
 
 

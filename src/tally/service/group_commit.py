@@ -4,7 +4,9 @@ A durable COMMIT costs a disk flush, and on PostgreSQL every statement costs a r
 both, ten changes in one transaction cost little more than one. Callers on many threads submit
 changes; the first becomes the leader and runs up to `MAX_BATCH` queued changes in one unit of
 work while the others wait; then it hands the lead to the next waiting caller. Nobody waits
-for a timer: a change that arrives alone runs alone at once.
+for a timer: a change that arrives alone runs alone at once. Callers on an event loop (the
+HTTP spend routes) submit with `submit_async`: their changes wait on futures, not threads, and
+join the same queue.
 
 Every change keeps the meaning it has alone. Accounts are locked in sorted order (no deadlock
 with other processes' batches); changes to one account apply in arrival order to one loaded
@@ -16,6 +18,7 @@ a dropped connection), every change in it is run alone.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,26 +45,18 @@ R = TypeVar("R")
 _WAITING, _LEAD, _DONE, _ALONE, _FAILED = "waiting", "lead", "done", "alone", "failed"
 
 
-def _held_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
 @dataclass(eq=False)
 class _Pending:
     change: Change[Any]
+    #: Tells the submitter its change was decided: releases the lock a thread waits on, or
+    #: sets the future an event loop awaits. Called once per decision, from any thread.
+    wake: Callable[[], object]
     state: str = _WAITING
     result: Any = None
-    # Held until decided: a bare lock wakes its one waiter for less than an Event does.
-    decided: threading.Lock = field(default_factory=_held_lock)
 
     def decide(self, state: str, result: Any = None) -> None:
         self.state, self.result = state, result
-        self.decided.release()
-
-    def wait(self) -> None:
-        self.decided.acquire()
+        self.wake()
 
 
 @dataclass(eq=False)
@@ -94,19 +89,55 @@ class GroupCommit:
 
     def submit(self, change: Change[R]) -> tuple[R, bool]:
         """The change's result, and whether it was a replay of a stored one."""
-        pending = _Pending(change)
-        with self._lock:
-            self._queue.append(pending)
-            self._promote()
-        pending.wait()
+        # A bare lock, held until the change is decided: it wakes its one waiter for less
+        # than an Event does.
+        decided = threading.Lock()
+        decided.acquire()
+        pending = _Pending(change, decided.release)
+        self._enqueue(pending)
+        decided.acquire()
         if pending.state == _LEAD:
             self._lead(pending)
         if pending.state == _ALONE:
             return run_alone(self._uow_factory(), change)
+        return self._outcome(pending)
+
+    async def submit_async(self, change: Change[R]) -> tuple[R, bool]:
+        """`submit` from an event loop: the change waits on a future, not on a thread; a
+        leader's batch and a change run alone take a thread of the loop's executor.
+        Shielded: a caller cancelled while it waits neither abandons a lead it was given
+        (which would stall the queue) nor takes back a change that may already be
+        committed."""
+        return await asyncio.shield(self._submit_async(change))
+
+    async def _submit_async(self, change: Change[R]) -> tuple[R, bool]:
+        loop = asyncio.get_running_loop()
+        decided: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not decided.done():  # a leader is decided twice: lead, then its own result
+                decided.set_result(None)
+
+        pending = _Pending(change, lambda: loop.call_soon_threadsafe(settle))
+        self._enqueue(pending)
+        await decided
+        if pending.state == _LEAD:
+            await loop.run_in_executor(None, self._lead, pending)
+        if pending.state == _ALONE:
+            return await loop.run_in_executor(None, run_alone, self._uow_factory(), change)
+        return self._outcome(pending)
+
+    def _enqueue(self, pending: _Pending) -> None:
+        with self._lock:
+            self._queue.append(pending)
+            self._promote()
+
+    @staticmethod
+    def _outcome(pending: _Pending) -> tuple[Any, bool]:
         if pending.state == _FAILED:
             raise pending.result
-        assert pending.state == _DONE
-        outcome: tuple[R, bool] = pending.result
+        assert pending.state == _DONE, pending.state
+        outcome: tuple[Any, bool] = pending.result
         return outcome
 
     def _promote(self) -> None:

@@ -150,6 +150,11 @@ def grant(cmd: GrantCredits, uow: UnitOfWork) -> Lot:
 
 
 def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
+    return run(uow, place_hold_change(cmd))
+
+
+def place_hold_change(cmd: PlaceHold) -> Change[Hold]:
+    """`place_hold` as a change not yet run (for `changes.run_async`); refuses bad input now."""
     values.account_id(cmd.account_id)
     amount = values.credits(cmd.amount)
     _check_metadata(cmd.metadata)
@@ -170,10 +175,14 @@ def place_hold(cmd: PlaceHold, uow: UnitOfWork) -> Hold:
             quantity=cmd.quantity,
         )
 
-    return run(uow, Change(cmd, cmd.account_id, action, Hold))
+    return Change(cmd, cmd.account_id, action, Hold)
 
 
 def capture(cmd: CaptureHold, uow: UnitOfWork) -> Hold:
+    return run(uow, capture_change(cmd))
+
+
+def capture_change(cmd: CaptureHold) -> Change[Hold]:
     if cmd.amount is not None and cmd.quantity is not None:
         raise InvalidInput("give amount or quantity, not both")
     amount = None if cmd.amount is None else values.credits(cmd.amount)
@@ -186,19 +195,27 @@ def capture(cmd: CaptureHold, uow: UnitOfWork) -> Hold:
             wanted = account.hold(cmd.hold_id).credits_for(units)
         return account.capture(cmd.hold_id, wanted, now, cmd.origin())
 
-    return run(uow, Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id]))
+    return Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
 
 
 def release(cmd: ReleaseHold, uow: UnitOfWork) -> Hold:
+    return run(uow, release_change(cmd))
+
+
+def release_change(cmd: ReleaseHold) -> Change[Hold]:
     _check_id(cmd.hold_id, "hold", HoldNotFound)
 
     def action(account: Account, now: datetime) -> Hold:
         return account.release(cmd.hold_id, now, cmd.origin(cmd.reason))
 
-    return run(uow, Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id]))
+    return Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
 
 
 def debit(cmd: DebitCredits, uow: UnitOfWork) -> Debit:
+    return run(uow, debit_change(cmd))
+
+
+def debit_change(cmd: DebitCredits) -> Change[Debit]:
     values.account_id(cmd.account_id)
     amount = values.credits(cmd.amount)
     _check_metadata(cmd.metadata)
@@ -206,7 +223,7 @@ def debit(cmd: DebitCredits, uow: UnitOfWork) -> Debit:
     def action(account: Account, now: datetime) -> Debit:
         return account.debit(amount=amount, now=now, origin=cmd.origin(), metadata=cmd.metadata)
 
-    return run(uow, Change(cmd, cmd.account_id, action, Debit))
+    return Change(cmd, cmd.account_id, action, Debit)
 
 
 def void_lot(cmd: VoidLot, uow: UnitOfWork) -> Lot:

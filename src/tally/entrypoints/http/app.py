@@ -3,6 +3,7 @@ mapping that makes every failure RFC 9457 problem+json with Tally's `code`."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Final
@@ -146,8 +147,25 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     return app
 
 
+#: Allocations between young-generation collections (Python's default is 700): a request
+#: allocates hundreds of short-lived objects, so the default collects several times a request.
+GC_YOUNG_THRESHOLD: Final = 10_000
+
+
+def quiet_garbage_collector() -> None:
+    """Keep garbage collection from stalling requests. The app's start-up objects (routes,
+    models, schemas, statements: over a hundred thousand) never die, yet every full collection
+    walked them all: 80-120 ms pauses that held 5% of requests at 32 clients. Frozen, the
+    collector skips them; collections also run less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 def app_from_env() -> FastAPI:
     """The app `tally serve` runs (and `uvicorn --factory` with several worker processes)."""
     logs.configure()
     tally = bootstrap()
-    return create_app(tally, worker=tally.settings.worker == "inline", owns=True)
+    app = create_app(tally, worker=tally.settings.worker == "inline", owns=True)
+    quiet_garbage_collector()
+    return app

@@ -27,6 +27,7 @@ from tally.entrypoints.views import (
     tool_view,
 )
 from tally.service import ledger, platforms
+from tally.service.changes import run_async
 from tally.service.ports import UnitOfWork
 
 DEFAULT_PAGE: Final = 100
@@ -288,7 +289,7 @@ def void(
     responses=SPEND_ERRORS,
     tags=["spending"],
 )
-def hold(
+async def hold(
     tally: App,
     account_id: AccountId,
     body: schemas.HoldIn,
@@ -298,24 +299,26 @@ def hold(
     key = require_key(idempotency_key)
     amount, tool, quantity = _priced(tally, body)
     unit = change_unit(tally, who)
-    placed = ledger.place_hold(
-        ledger.PlaceHold(
-            account_id=account_id,
-            amount=amount,
-            ttl_seconds=body.ttl_seconds,
-            metadata=body.metadata,
-            tool=tool,
-            quantity=quantity,
-            idempotency_key=key,
-            platform_id=who.platform_id,
-        ),
+    placed = await run_async(
         unit,
+        ledger.place_hold_change(
+            ledger.PlaceHold(
+                account_id=account_id,
+                amount=amount,
+                ttl_seconds=body.ttl_seconds,
+                metadata=body.metadata,
+                tool=tool,
+                quantity=quantity,
+                idempotency_key=key,
+                platform_id=who.platform_id,
+            )
+        ),
     )
     return _answer(hold_view(placed, tally.clock()), unit, 201)
 
 
 @router.post("/holds/{hold_id}/capture", response_model=schemas.HoldOut, tags=["spending"])
-def capture(
+async def capture(
     tally: App,
     hold_id: ObjectId,
     who: SpendChange,
@@ -324,21 +327,23 @@ def capture(
 ) -> Response:
     key = require_key(idempotency_key)
     unit = change_unit(tally, who)
-    captured = ledger.capture(
-        ledger.CaptureHold(
-            hold_id=hold_id,
-            amount=body.amount if body else None,
-            quantity=body.quantity if body else None,
-            idempotency_key=key,
-            platform_id=who.platform_id,
-        ),
+    captured = await run_async(
         unit,
+        ledger.capture_change(
+            ledger.CaptureHold(
+                hold_id=hold_id,
+                amount=body.amount if body else None,
+                quantity=body.quantity if body else None,
+                idempotency_key=key,
+                platform_id=who.platform_id,
+            )
+        ),
     )
     return _answer(hold_view(captured, tally.clock()), unit)
 
 
 @router.post("/holds/{hold_id}/release", response_model=schemas.HoldOut, tags=["spending"])
-def release(
+async def release(
     tally: App,
     hold_id: ObjectId,
     who: SpendChange,
@@ -347,14 +352,16 @@ def release(
 ) -> Response:
     key = require_key(idempotency_key)
     unit = change_unit(tally, who)
-    released = ledger.release(
-        ledger.ReleaseHold(
-            hold_id=hold_id,
-            reason=body.reason if body else None,
-            idempotency_key=key,
-            platform_id=who.platform_id,
-        ),
+    released = await run_async(
         unit,
+        ledger.release_change(
+            ledger.ReleaseHold(
+                hold_id=hold_id,
+                reason=body.reason if body else None,
+                idempotency_key=key,
+                platform_id=who.platform_id,
+            )
+        ),
     )
     return _answer(hold_view(released, tally.clock()), unit)
 
@@ -366,7 +373,7 @@ def release(
     responses=SPEND_ERRORS,
     tags=["spending"],
 )
-def debit(
+async def debit(
     tally: App,
     account_id: AccountId,
     body: schemas.DebitIn,
@@ -376,17 +383,19 @@ def debit(
     key = require_key(idempotency_key)
     amount, tool, quantity = _priced(tally, body)
     unit = change_unit(tally, who)
-    done = ledger.debit(
-        ledger.DebitCredits(
-            account_id=account_id,
-            amount=amount,
-            metadata=body.metadata,
-            tool=tool,
-            quantity=quantity,
-            idempotency_key=key,
-            platform_id=who.platform_id,
-        ),
+    done = await run_async(
         unit,
+        ledger.debit_change(
+            ledger.DebitCredits(
+                account_id=account_id,
+                amount=amount,
+                metadata=body.metadata,
+                tool=tool,
+                quantity=quantity,
+                idempotency_key=key,
+                platform_id=who.platform_id,
+            )
+        ),
     )
     return _answer(debit_view(done), unit, 201)
 
