@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -224,6 +224,15 @@ def test_a_change_under_a_revoked_key_is_refused_in_the_shared_transaction(
 # --- changes submitted from an event loop (the HTTP spend routes) ---------------------------
 
 
+async def awaited_debit(
+    db: Database, clock: FakeClock, group: GroupCommit, account: str, key: str
+) -> Debit:
+    """A debit of 1 as the HTTP spend route makes it: built, then awaited in the group."""
+    unit = SqlUnitOfWork(db, clock, group)
+    cmd = ledger.DebitCredits(account_id=account, amount=1, idempotency_key=key)
+    return await run_async(unit, ledger.debit_change(cmd))
+
+
 def test_changes_from_an_event_loop_share_batches_and_refusals_surface(
     db: Database, clock: FakeClock
 ) -> None:
@@ -232,13 +241,9 @@ def test_changes_from_an_event_loop_share_batches_and_refusals_surface(
     group, uow = grouped(db, clock)
     ledger.grant(ledger.GrantCredits(account_id="loop", amount=50, idempotency_key="g"), uow)
 
-    async def spend(n: int) -> Debit:
-        unit = SqlUnitOfWork(db, clock, group)
-        cmd = ledger.DebitCredits(account_id="loop", amount=1, idempotency_key=f"d{n}")
-        return await run_async(unit, ledger.debit_change(cmd))
-
     async def everything() -> list[Any]:
-        return await asyncio.gather(*(spend(n) for n in range(80)), return_exceptions=True)
+        spends = (awaited_debit(db, clock, group, "loop", f"d{n}") for n in range(80))
+        return await asyncio.gather(*spends, return_exceptions=True)
 
     results = asyncio.run(everything())
     debits = [r for r in results if isinstance(r, Debit)]
@@ -277,10 +282,8 @@ def test_cancelled_waiters_neither_stall_the_queue_nor_lose_a_lead(
     group, uow = grouped(db, clock)
     ledger.grant(ledger.GrantCredits(account_id="gone", amount=1_000, idempotency_key="g"), uow)
 
-    async def spend(n: int) -> Debit:
-        unit = SqlUnitOfWork(db, clock, group)
-        cmd = ledger.DebitCredits(account_id="gone", amount=1, idempotency_key=f"c{n}")
-        return await run_async(unit, ledger.debit_change(cmd))
+    def spend(n: int) -> Coroutine[Any, Any, Debit]:
+        return awaited_debit(db, clock, group, "gone", f"c{n}")
 
     async def everything() -> list[Any]:
         tasks = [asyncio.create_task(spend(n)) for n in range(60)]
@@ -312,12 +315,7 @@ def test_threads_and_an_event_loop_share_one_group(db: Database, clock: FakeCloc
             ledger.debit(cmd, unit)
 
     async def awaited() -> None:
-        async def spend(n: int) -> None:
-            unit = SqlUnitOfWork(db, clock, group)
-            cmd = ledger.DebitCredits(account_id="mix", amount=1, idempotency_key=f"a{n}")
-            await run_async(unit, ledger.debit_change(cmd))
-
-        await asyncio.gather(*(spend(n) for n in range(200)))
+        await asyncio.gather(*(awaited_debit(db, clock, group, "mix", f"a{n}") for n in range(200)))
 
     threads = [threading.Thread(target=threaded, args=(i,)) for i in range(4)]
     for thread in threads:
