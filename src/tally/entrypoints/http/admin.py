@@ -183,6 +183,18 @@ def _act(
     return _secured(RedirectResponse(target, 303))
 
 
+def _account_refusal(
+    tally: Tally, account_id: str
+) -> Callable[[StaffSession, TallyError], Response]:
+    """A refused action on an account shows the account page with the refusal."""
+    return lambda who, error: _account_page(tally, who, account_id, error=error)
+
+
+def _order_refusal(tally: Tally, order_id: str) -> Callable[[StaffSession, TallyError], Response]:
+    """A refused action on an order shows the order page with the refusal."""
+    return lambda who, error: _order_page(tally, who, order_id, error=error)
+
+
 # --- signing in and out --------------------------------------------------------------------------
 
 
@@ -447,13 +459,7 @@ def grant(
         )
         return f"{_account_path(account_id)}?done=granted"
 
-    return _act(
-        request,
-        tally,
-        csrf,
-        action,
-        lambda who, error: _account_page(tally, who, account_id, error=error),
-    )
+    return _act(request, tally, csrf, action, _account_refusal(tally, account_id))
 
 
 def _whole_number(text: str) -> int:
@@ -486,13 +492,7 @@ def void_lot(
         )
         return f"{_account_path(lot.account_id)}?done=voided"
 
-    return _act(
-        request,
-        tally,
-        csrf,
-        action,
-        lambda who, error: _account_page(tally, who, account_id, error=error),
-    )
+    return _act(request, tally, csrf, action, _account_refusal(tally, account_id))
 
 
 @router.post("/orders/{order_id}/refund")
@@ -521,13 +521,7 @@ def refund(
         )
         return f"/admin/orders/{order_id}?done=refunded"
 
-    return _act(
-        request,
-        tally,
-        csrf,
-        action,
-        lambda who, error: _order_page(tally, who, order_id, error=error),
-    )
+    return _act(request, tally, csrf, action, _order_refusal(tally, order_id))
 
 
 @router.post("/orders/{order_id}/reissue")
@@ -555,13 +549,7 @@ def reissue(
         )
         return f"/admin/orders/{order_id}?done=reissued"
 
-    return _act(
-        request,
-        tally,
-        csrf,
-        action,
-        lambda who, error: _order_page(tally, who, order_id, error=error),
-    )
+    return _act(request, tally, csrf, action, _order_refusal(tally, order_id))
 
 
 @router.post("/messages/{message_id}/resend")
@@ -587,13 +575,7 @@ def resend(
         )
         return f"/admin/orders/{found}?done=resent"
 
-    return _act(
-        request,
-        tally,
-        csrf,
-        action,
-        lambda who, error: _order_page(tally, who, order_id, error=error),
-    )
+    return _act(request, tally, csrf, action, _order_refusal(tally, order_id))
 
 
 def staff_label(platform_id: str | None, emails: dict[str, str]) -> str:
