@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -99,6 +100,34 @@ def test_ids_are_prefixed_sortable_and_unique() -> None:
     assert (
         len({values.new_id("ent", datetime(2026, 1, 1, tzinfo=UTC)) for _ in range(1000)}) == 1000
     )
+
+
+def test_an_id_names_its_millisecond_in_its_first_ten_symbols() -> None:
+    moment = datetime(2026, 11, 21, 22, 7, 51, 123456, tzinfo=UTC)
+    symbols = values.new_id("ent", moment).removeprefix("ent_")
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    number = 0
+    for symbol in symbols:
+        number = number * 32 + alphabet.index(symbol)
+    assert number >> 80 == int(moment.timestamp() * 1000)
+    assert len({values.new_id("ent", moment)[-16:] for _ in range(1000)}) == 1000
+
+
+def test_ids_drawn_in_a_forked_child_differ_from_the_parents() -> None:
+    """Ids draw on a pool of random bytes: a child of `fork` must not draw what its
+    parent draws next (two processes of one server would make the same ids)."""
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    values.new_id("ent", moment)  # the pool now holds unread bytes
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, values.new_id("ent", moment).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    assert values.is_id(child, "ent")
+    assert child != values.new_id("ent", moment)
 
 
 @pytest.mark.parametrize(
