@@ -325,3 +325,47 @@ def test_threads_and_an_event_loop_share_one_group(db: Database, clock: FakeCloc
         thread.join(timeout=60)
     assert ledger.get_balance("mix", uow).available == 100
     assert ledger.check(uow).violations == []
+
+
+def test_a_second_lead_waits_until_the_first_batch_is_decided(
+    db: Database, clock: FakeClock
+) -> None:
+    """With two leads, a change that arrives while the first leader still reads and decides
+    its batch does not lead a batch of its own at once: it waits, and starts as soon as the
+    first batch goes to the database. Both changes then apply."""
+    entered, release = threading.Event(), threading.Event()
+    readers: list[str] = []
+
+    def gated_clock() -> Any:
+        # Every unit of work of the group reads the clock first: who reads it, leads.
+        name = threading.current_thread().name
+        readers.append(name)
+        if name == "first" and not release.is_set():
+            entered.set()
+            assert release.wait(10)
+        return clock()
+
+    group = GroupCommit(lambda: SqlUnitOfWork(db, gated_clock), max_leaders=2)
+    ledger.grant(
+        ledger.GrantCredits(account_id="two", amount=10, idempotency_key="g"),
+        SqlUnitOfWork(db, clock),
+    )
+    results: dict[str, Debit] = {}
+
+    def spend(key: str) -> None:
+        cmd = ledger.DebitCredits(account_id="two", amount=1, idempotency_key=key)
+        results[key] = ledger.debit(cmd, SqlUnitOfWork(db, clock, group))
+
+    first = threading.Thread(target=spend, args=("a",), name="first")
+    first.start()
+    assert entered.wait(10), "the first change leads"
+    second = threading.Thread(target=spend, args=("b",), name="second")
+    second.start()
+    time.sleep(0.2)  # long enough for a promoted second leader to read its clock
+    assert readers == ["first"], "a second leader started while the first was deciding"
+    release.set()
+    for thread in (first, second):
+        thread.join(timeout=30)
+    assert sorted(results) == ["a", "b"]
+    assert readers == ["first", "second"]
+    assert ledger.get_balance("two", SqlUnitOfWork(db, clock)).available == 8

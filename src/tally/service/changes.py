@@ -102,7 +102,9 @@ async def run_async(uow: UnitOfWork, change: Change[R]) -> R:
     return result
 
 
-def run_alone(uow: UnitOfWork, change: Change[R]) -> tuple[R, bool]:
+def run_alone(
+    uow: UnitOfWork, change: Change[R], before_commit: Callable[[], None] | None = None
+) -> tuple[R, bool]:
     """Run `change` on its locked account once per idempotency key (rule 5).
 
     The key's unique constraint decides: the first transaction to commit it wins. A duplicate
@@ -133,6 +135,8 @@ def run_alone(uow: UnitOfWork, change: Change[R]) -> tuple[R, bool]:
                 raise
             return change.replay(stored.request_hash, stored.response), True
         response = change.adapter.dump_python(result, mode="json")
+        if before_commit is not None:
+            before_commit()
         try:
             with uow.batch():
                 uow.accounts.save(locked)
