@@ -22,7 +22,9 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import itertools
 import os
+import random
 import secrets
 import statistics
 import tempfile
@@ -139,6 +141,14 @@ def settle(db: Database) -> None:
 Worker = tuple[Callable[[str], None], Callable[[], None]]
 
 
+def unique_strings() -> Iterator[str]:
+    """Entry ids and idempotency keys for one worker: a random prefix and a counter. The
+    load must cost both sides little, and the same: drawing each from the OS is a system
+    call, and in a threaded process every system call hands the GIL to another thread."""
+    prefix = secrets.token_hex(8)
+    return (f"{prefix}-{n}" for n in itertools.count())
+
+
 def raw_worker(db: Database) -> Worker:
     """A driver connection of the same engine (same pragmas), used with no ORM or Core."""
     raw = db.engine.raw_connection()
@@ -149,6 +159,8 @@ def raw_worker(db: Database) -> Worker:
     insert = f"INSERT INTO raw_entries VALUES ({mark}, {mark}, 1)"
     lock = db.write_lock  # the same one-writer rule Tally's SQLite adapter follows
 
+    entry_ids = unique_strings()
+
     def debit(account: str) -> None:
         if lock is not None:
             lock.acquire()
@@ -156,7 +168,7 @@ def raw_worker(db: Database) -> Worker:
             if sqlite:
                 cursor.execute("BEGIN IMMEDIATE")
             cursor.execute(update, (account,))
-            cursor.execute(insert, (secrets.token_hex(12), account))
+            cursor.execute(insert, (next(entry_ids), account))
             if sqlite:
                 cursor.execute("COMMIT")
             else:
@@ -176,12 +188,11 @@ def tally_workers(db: Database) -> Callable[[Database], Worker]:
 
 def tally_worker(db: Database, group: GroupCommit | None = None) -> Worker:
     uow = SqlUnitOfWork(db, system_clock, group)
+    keys = unique_strings()
 
     def debit(account: str) -> None:
         ledger.debit(
-            ledger.DebitCredits(
-                account_id=account, amount=1, idempotency_key=secrets.token_hex(12)
-            ),
+            ledger.DebitCredits(account_id=account, amount=1, idempotency_key=next(keys)),
             uow,
         )
 
@@ -206,7 +217,7 @@ def rate(
 
     def run(index: int) -> None:
         debit, close = make_worker(db)
-        choose = secrets.SystemRandom().choice
+        choose = random.Random(secrets.randbits(64)).choice
         start.wait()
         try:
             while not stop.is_set():
