@@ -369,3 +369,38 @@ def test_a_second_lead_waits_until_the_first_batch_is_decided(
     assert sorted(results) == ["a", "b"]
     assert readers == ["first", "second"]
     assert ledger.get_balance("two", SqlUnitOfWork(db, clock)).available == 8
+
+
+def test_a_batch_larger_than_one_statement_lands_whole(db: Database, clock: FakeClock) -> None:
+    """On PostgreSQL a batch's writes go joined into statements of limited size: a batch of
+    new lots, new holds with their allocations, and debits across two lots per account
+    spans several, each part naming rows another part of the same statement adds."""
+    group, uow = grouped(db, clock)
+    people = [f"p{n:02d}" for n in range(20)]  # 60 changes: one batch of at most 64
+    for person in people:
+        for lot in range(2):
+            cmd = ledger.GrantCredits(
+                account_id=person, amount=5, idempotency_key=f"g{lot}-{person}"
+            )
+            ledger.grant(cmd, uow)
+
+    def grant(person: str) -> Callable[[], Any]:
+        cmd = ledger.GrantCredits(account_id=person, amount=3, idempotency_key=f"g-{person}")
+        return lambda: ledger.grant(cmd, uow)
+
+    def hold(person: str) -> Callable[[], Any]:
+        cmd = ledger.PlaceHold(account_id=person, amount=2, idempotency_key=f"h-{person}")
+        return lambda: ledger.place_hold(cmd, uow)
+
+    def debit(person: str) -> Callable[[], Any]:
+        cmd = ledger.DebitCredits(account_id=person, amount=7, idempotency_key=f"d-{person}")
+        return lambda: ledger.debit(cmd, uow)
+
+    calls = [make(person) for person in people for make in (debit, grant, hold)]
+    results = one_batch(group, calls)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    committed_together(group)
+    for person in people:
+        balance = ledger.get_balance(person, uow)
+        assert (balance.available, balance.held) == (5 + 5 - 7 + 3 - 2, 2)
+    assert ledger.check(uow).violations == []

@@ -130,6 +130,7 @@ class SqlCommerce:
                 "refund_reason": order.refund_reason,
             },
         )
+        assert added is not None, "added outside a batch: the row count decides"
         if added != 1:
             raise DuplicateSale(order.processor, order.sale_id)
 

@@ -10,6 +10,7 @@ from typing import Self
 from sqlalchemy import Connection, RootTransaction
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from tally.adapters.db import fast
 from tally.adapters.db.audit import SqlAudit
 from tally.adapters.db.commerce import SqlCommerce
 from tally.adapters.db.engine import READ_ONLY, Database
@@ -99,13 +100,16 @@ class SqlUnitOfWork:
 
     def commit(self) -> None:
         assert self._transaction is not None, "commit outside `with uow:`"
+        assert self._connection is not None
+        fast.flush_writes(self._connection)  # those of a `batch()`
         self._transaction.commit()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Send the writes inside, and a `commit()` made inside, as one round trip (a psycopg
-        pipeline on PostgreSQL). Their errors surface at the commit or when the block ends;
-        a lost idempotency race is told apart from every other error."""
+        """Send the writes inside in as few round trips as can be: on PostgreSQL they wait, and
+        go as one statement at the `commit()` made inside (`fast.deferred_writes`). Their
+        errors surface there; a lost idempotency race is told apart from every other error.
+        Inside, write only through the repositories' fast statements, each row once."""
         assert self._connection is not None, "batch outside `with uow:`"
         if self.database.dialect != "postgresql":
             yield
@@ -115,7 +119,7 @@ class SqlUnitOfWork:
         driver = self._connection.connection.driver_connection
         assert isinstance(driver, psycopg.Connection)
         try:
-            with driver.pipeline():
+            with fast.deferred_writes(self._connection):
                 yield
         except BaseException as error:
             # A failed COMMIT leaves the session aborted where SQLAlchemy no longer rolls back.
