@@ -108,7 +108,7 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
             order, uow, pepper=pepper, links=links, package_name=package.name, now=now
         )
         template = "gift_code" if sale.is_gift else "purchase_code"
-        with uow.batch():  # the code, its email and the COMMIT: one round trip on PostgreSQL
+        with uow.batch():  # the code and its email: one statement on PostgreSQL
             if refunds.needs_code(order):
                 issue_code(order, template, package.name, uow, pepper=pepper, links=links, now=now)
             uow.commit()

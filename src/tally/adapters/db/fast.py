@@ -348,6 +348,7 @@ class FastStatement:
         trip on PostgreSQL (a pipeline): as its own statement, this one still reads a snapshot
         taken after `after` finished, which is what a lock followed by a read needs.
         """
+        flush_writes(connection)  # a read sees the writes made before it
         compiled = self._compiled(connection)
         driver = connection.connection.driver_connection
         if after is not None:
@@ -363,7 +364,6 @@ class FastStatement:
     def _fetch(
         self, compiled: _Compiled, connection: Connection, params: dict[str, Any]
     ) -> list[Any]:
-        flush_writes(connection)  # a read sees the writes made before it
         cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             cursor.execute(compiled.sql, self._arguments(compiled, connection, params))
