@@ -142,25 +142,28 @@ def flush_writes(connection: Connection) -> None:
     if not queued:
         return
     cursor = _write_cursor(connection)
-    joined: list[tuple[str, Sequence[Any]]] = []
+    run: list[tuple[str, Sequence[Any]]] = []
     params = length = 0
-    for sql, arguments in [*queued, ("", ())]:  # the empty end sends the last run
-        if joined and (
-            not sql
-            or params + len(arguments) > CACHED_QUERY_PARAMS_MAX
+    for sql, arguments in queued:
+        if run and (
+            params + len(arguments) > CACHED_QUERY_PARAMS_MAX
             or length + len(sql) > CACHED_QUERY_LENGTH_MAX
         ):
-            *parts, (last, _) = joined
-            text = "".join(
-                f"{'WITH' if n == 0 else ','} w{n} AS ({part}) "
-                for n, (part, _) in enumerate(parts)
-            )
-            cursor.execute(text + last, [a for _, args in joined for a in args])
-            joined, params, length = [], 0, 0
-        if sql:
-            joined.append((sql, arguments))
-            params, length = params + len(arguments), length + len(sql) + 16
+            _execute_joined(cursor, run)
+            run, params, length = [], 0, 0
+        run.append((sql, arguments))
+        params += len(arguments)
+        length += len(sql) + len(" , w00 AS () ")  # the text that joins it
+    _execute_joined(cursor, run)
     queued.clear()
+
+
+def _execute_joined(cursor: Any, run: list[tuple[str, Sequence[Any]]]) -> None:
+    """`WITH w0 AS (first), w1 AS (second) last`: the writes of a run as one statement."""
+    *parts, (last, _) = run
+    clauses = ", ".join(f"w{n} AS ({sql})" for n, (sql, _) in enumerate(parts))
+    text = f"WITH {clauses} {last}" if parts else last
+    cursor.execute(text, [argument for _, arguments in run for argument in arguments])
 
 
 def _send(connection: Connection, sql: str, arguments: Sequence[Any] | dict[str, Any]) -> Any:
