@@ -62,6 +62,12 @@ def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
 
 def committed_together(group: GroupCommit) -> None:
     assert group.fallbacks == 0, "the shared transaction must have committed"
+    settled(group)
+
+
+def settled(group: GroupCommit) -> None:
+    """Every submitted change was answered and left: none is counted as still about."""
+    assert (group._active, group._queue) == (0, [])
 
 
 def test_a_batch_applies_in_order_and_refusals_stay_alone(db: Database, clock: FakeClock) -> None:
@@ -252,6 +258,7 @@ def test_changes_from_an_event_loop_share_batches_and_refusals_surface(
     assert len(refused) == 30
     assert len({d.id for d in debits}) == 50
     assert group.batches < group.changes, "awaited changes must have shared transactions"
+    settled(group)
     assert ledger.get_balance("loop", uow).available == 0
     assert ledger.check(uow).violations == []
 
@@ -301,6 +308,7 @@ def test_cancelled_waiters_neither_stall_the_queue_nor_lose_a_lead(
     assert all(isinstance(r, Debit | asyncio.CancelledError) for r in results), results
     spent = 1_000 - ledger.get_balance("gone", uow).available
     assert len(completed) <= spent <= 61  # cancelled changes may still have committed
+    settled(group)
     assert ledger.check(uow).violations == []
 
 
@@ -323,6 +331,7 @@ def test_threads_and_an_event_loop_share_one_group(db: Database, clock: FakeCloc
     asyncio.run(awaited())
     for thread in threads:
         thread.join(timeout=60)
+    settled(group)
     assert ledger.get_balance("mix", uow).available == 100
     assert ledger.check(uow).violations == []
 
@@ -404,3 +413,51 @@ def test_a_batch_larger_than_one_statement_lands_whole(db: Database, clock: Fake
         balance = ledger.get_balance(person, uow)
         assert (balance.available, balance.held) == (5 + 5 - 7 + 3 - 2, 2)
     assert ledger.check(uow).violations == []
+
+
+def test_a_leader_with_company_pauses_until_callers_stop_arriving(
+    db: Database, clock: FakeClock
+) -> None:
+    """A caller answered a moment ago is still about (in a closed loop it submits again at
+    once): the next leader pauses, the caller's new change joins its batch, and the leader
+    stops pausing at the first pause that brings nobody."""
+    pauses: list[int] = []
+
+    def pause() -> None:
+        pauses.append(len(group._queue))
+        if len(pauses) == 1:  # the caller on its way back submits during the first pause
+            group._active -= 1  # it left...
+            late.start()  # ...and comes back with a new change
+            wait_for_queue(2)
+
+    def wait_for_queue(length: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(group._queue) < length:
+            assert time.monotonic() < deadline, "a caller never queued"
+            time.sleep(0.001)
+
+    group = GroupCommit(lambda: SqlUnitOfWork(db, clock), pause=pause)
+    uow = SqlUnitOfWork(db, clock, group)
+    ledger.grant(ledger.GrantCredits(account_id="co", amount=10, idempotency_key="g"), uow)
+    assert pauses == [], "a change alone does not pause"
+
+    def spend(key: str) -> None:
+        cmd = ledger.DebitCredits(account_id="co", amount=1, idempotency_key=key)
+        ledger.debit(cmd, SqlUnitOfWork(db, clock, group))
+
+    late = threading.Thread(target=spend, args=("late",))
+    first = threading.Thread(target=spend, args=("first",))
+    with group._lock:
+        group._leaders = group._max_leaders  # every lead taken: the first change queues
+        group._active += 1  # and one caller, just answered, is on its way back
+    first.start()
+    wait_for_queue(1)
+    batches, changes = group.batches, group.changes
+    with group._lock:
+        group._queue[0].decide("lead")
+    first.join(timeout=30)
+    assert pauses == [1, 2], "one pause brought a change, the next brought none"
+    late.join(timeout=30)
+    assert (group.batches - batches, group.changes - changes) == (1, 2)
+    committed_together(group)
+    assert ledger.get_balance("co", uow).available == 8

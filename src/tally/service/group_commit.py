@@ -4,7 +4,10 @@ A durable COMMIT costs a disk flush, and on PostgreSQL every statement costs a r
 both, ten changes in one transaction cost little more than one. Callers on many threads submit
 changes; the first becomes the leader and runs up to `MAX_BATCH` queued changes in one unit of
 work while the others wait; then it hands the lead to the next waiting caller. Nobody waits
-for a timer: a change that arrives alone runs alone at once. With more than one lead (on
+for a timer: a change that arrives alone runs alone at once. A leader with company (changes
+submitted and not yet queued, such as the callers of the batch just decided, on their way
+back) first gives up the interpreter for a moment, a few times at most, so that those callers
+can queue behind it. With more than one lead (on
 PostgreSQL), the next leader starts when the current one has decided its batch and sends it
 to the database, so that one batch's round trips overlap the next one's Python; not sooner,
 so that the changes arriving meanwhile gather into that next batch. Callers on an event loop (the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +46,9 @@ MAX_BATCH: Final = 64
 #: The most batches in flight at once. One keeps batches largest; on PostgreSQL a second
 #: overlaps one batch's Python with the other's round trips, on a second server connection.
 MAX_LEADERS: Final = 4
+#: The most pauses a leader with company makes for callers to join its batch; it stops at the
+#: first pause that brings none.
+GATHER_PAUSES: Final = 4
 
 R = TypeVar("R")
 
@@ -70,12 +77,19 @@ class _Batch:
     alone: list[_Pending] = field(default_factory=list)
 
 
+def _yield_interpreter() -> None:
+    """Give up the GIL so that runnable threads run; `sleep(0)` does, `sched_yield` does not
+    (the yielding thread takes the GIL back before a woken one can)."""
+    time.sleep(0)
+
+
 class GroupCommit:
     def __init__(
         self,
         uow_factory: Callable[[], UnitOfWork],
         max_batch: int = MAX_BATCH,
         max_leaders: int = 1,
+        pause: Callable[[], None] = _yield_interpreter,
     ) -> None:
         assert 1 <= max_batch <= MAX_BATCH
         assert 1 <= max_leaders <= MAX_LEADERS
@@ -84,6 +98,8 @@ class GroupCommit:
         self._max_leaders = max_leaders
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
+        self._pause = pause
+        self._active = 0  # changes submitted and not yet answered: queued, in a batch, waking
         self._leaders = 0
         self._gathering = False  # a leader is between its promotion and its hand-off
         # Counters for tests and metrics; only the leader writes them.
@@ -99,12 +115,15 @@ class GroupCommit:
         decided.acquire()
         pending = _Pending(change, decided.release)
         self._enqueue(pending)
-        decided.acquire()
-        if pending.state == _LEAD:
-            self._lead(pending)
-        if pending.state == _ALONE:
-            return run_alone(self._uow_factory(), change)
-        return self._outcome(pending)
+        try:
+            decided.acquire()
+            if pending.state == _LEAD:
+                self._lead(pending)
+            if pending.state == _ALONE:
+                return run_alone(self._uow_factory(), change)
+            return self._outcome(pending)
+        finally:
+            self._leave()
 
     async def submit_async(self, change: Change[R]) -> tuple[R, bool]:
         """`submit` from an event loop: the change waits on a future, not on a thread; a
@@ -124,17 +143,26 @@ class GroupCommit:
 
         pending = _Pending(change, lambda: loop.call_soon_threadsafe(settle))
         self._enqueue(pending)
-        await decided
-        if pending.state == _LEAD:
-            await loop.run_in_executor(None, self._lead, pending)
-        if pending.state == _ALONE:
-            return await loop.run_in_executor(None, run_alone, self._uow_factory(), change)
-        return self._outcome(pending)
+        try:
+            await decided
+            if pending.state == _LEAD:
+                await loop.run_in_executor(None, self._lead, pending)
+            if pending.state == _ALONE:
+                return await loop.run_in_executor(None, run_alone, self._uow_factory(), change)
+            return self._outcome(pending)
+        finally:
+            self._leave()
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._lock:
             self._queue.append(pending)
+            self._active += 1
             self._promote()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            assert self._active >= 0
 
     @staticmethod
     def _outcome(pending: _Pending) -> tuple[Any, bool]:
@@ -153,7 +181,26 @@ class GroupCommit:
             self._gathering = True
             self._queue[0].decide(_LEAD)
 
+    def _gather(self) -> None:
+        """Let callers that are about to submit join this batch. In a closed loop (threads
+        that submit again as soon as they are answered) the leader of the last batch is the
+        running thread when its callers wake: without a pause it submits first and leads a
+        batch of one, and batches alternate between one change and all the rest. Measured
+        on PostgreSQL with 8 workers: batches of 3.9 changes on average instead of 3.0, and
+        7-9% more debits/s (two runs of five paired rounds, ahead in 9 of 10). Alone (every
+        submitted change already queued), a leader does not pause at all."""
+        # Unlocked reads: a stale count costs one pause too many or too few, nothing more.
+        if self._active <= len(self._queue):
+            return
+        queued = len(self._queue)
+        for _ in range(GATHER_PAUSES):
+            self._pause()
+            if len(self._queue) == queued:
+                return
+            queued = len(self._queue)
+
     def _lead(self, own: _Pending) -> None:
+        self._gather()
         with self._lock:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
