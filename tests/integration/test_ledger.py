@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -514,3 +515,39 @@ def test_one_save_writes_many_rows_of_each_kind(uow: SqlUnitOfWork) -> None:
     assert remaining == [0, 50, 100]
     assert len(ledger.list_entries("bulk", uow, limit=500).items) == 3 + 150
     assert_conserved(uow)
+
+
+@pytest.mark.parametrize("count", [2, 3, 64, 65, 130])
+def test_a_locking_read_of_many_accounts_loads_each_once_with_its_lots(
+    uow: SqlUnitOfWork, count: int
+) -> None:
+    """On PostgreSQL the accounts go in lists of fixed lengths, padded with repeats and split
+    past the longest: every account comes back once, whole; an unknown one does not."""
+    names = [f"many-{n:03d}" for n in range(count)]
+    with uow:
+        now = uow.clock()
+        for n, name in enumerate(names):
+            account = uow.accounts.get_for_update(name, create_at=now)
+            assert account is not None
+            for amount in (n + 1, 1_000):
+                account.grant(
+                    amount=amount,
+                    source="promotional",
+                    expires_at=None,
+                    priority=0,
+                    now=now,
+                    origin=Origin("seed"),
+                )
+            uow.accounts.save(account)
+        uow.commit()
+    with uow:
+        loaded = uow.accounts.get_many_for_update([*reversed(names), "nobody", names[0]])
+        if uow.database.dialect == "postgresql":
+            # The listed read alone, without the one-by-one path that fills in the rest.
+            rows = uow.accounts._lock_listed([*names, "nobody"])
+            per_account = Counter(row.account_id for row in rows)
+            assert per_account == dict.fromkeys(names, 2), "one row per open lot"
+    assert sorted(loaded) == names
+    for n, name in enumerate(names):
+        assert loaded[name].account_id == name
+        assert sorted(lot.remaining for lot in loaded[name].lots.values()) == [n + 1, 1_000]
