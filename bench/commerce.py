@@ -7,7 +7,7 @@ For each database (SQLite, PostgreSQL) it measures, for a fixed time each:
   a code and an outbox row per sale, one transaction each);
 - `fulfil over HTTP`: Gumroad-format pings (as JSON, which the webhook takes beside the form
   encoding Gumroad uses) from 8 keep-alive connections of bench/http.py's raw client to a real
-  `tally serve` (on PostgreSQL two processes per core, the documented production command, as
+  `tally serve` (on PostgreSQL one process per core, the documented production command, as
   in bench/http.py; 1 on SQLite), counted from the first byte sent to the 200 that follows
   the committed outbox row;
 - `redeem in-process`: 8 threads redeeming codes made beforehand (each a lot on a new account).

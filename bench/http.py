@@ -3,15 +3,15 @@
 It runs real servers as an operator runs them: `tally migrate`, `tally platforms create bench
 --scopes read,spend,grant` (the key is its last line), then `tally serve --workers N` on a free
 port. SQLite: 1 process, as `make run` has it. PostgreSQL: README's production setup
-(`TALLY_ENV=production TALLY_WORKER=off`, about two processes per core: `--workers 4` on this
-2-core machine, the command the targets are judged on), and beside it 1 process and one per
-core. Each server gets a fresh database or schema, dropped after, and is stopped however the run
-ends. Just before each server, bench/ledger.py's Tally path runs in-process on the same kind of
-database (the `debit` use case, 8 threads sharing one group commit, the same 1,000 accounts):
-that rate is the denominator. Through the API it grants the 1,000 accounts a large lot, vacuums,
-then sends `POST /v1/accounts/{id}/debits {"amount": 1}`, each with a fresh `Idempotency-Key`,
-to random accounts over keep-alive connections: 1 client, 32 clients (each sends again as soon
-as it has its answer), and 32 clients paced to half the 32-client rate, each after a warm-up.
+(`TALLY_ENV=production TALLY_WORKER=off`, one process per core: `--workers 2` on this 2-core
+machine, the command the targets are judged on), and beside it 1 process and two per core. Each
+server gets a fresh database or schema, dropped after, and is stopped however the run ends. Just
+before each server, bench/ledger.py's Tally path runs in-process on the same kind of database
+(the `debit` use case, 8 threads sharing one group commit, the same 1,000 accounts): that rate
+is the denominator. Through the API it grants the 1,000 accounts a large lot, vacuums, then
+sends `POST /v1/accounts/{id}/debits {"amount": 1}`, each with a fresh `Idempotency-Key`, to
+random accounts over keep-alive connections: 1 client, 32 clients (each sends again as soon as
+it has its answer), and 32 clients paced to half the 32-client rate, each after a warm-up.
 
     .venv/bin/python bench/http.py [--seconds 5] [--only sqlite|postgresql] [--client raw|httpx]
 
@@ -89,10 +89,10 @@ IN_PROCESS_THREADS = 8
 CLIENTS = (1, 32)
 #: The paced run offers this share of the rate the 32 clients reached as fast as answered.
 PACED_SHARE = 0.5
-#: `tally serve --workers N` on PostgreSQL as README's "Deploying on PostgreSQL" has it: about
-#: two processes per core. One process, and one per core, are measured beside it.
-PRODUCTION_WORKERS = 2 * (os.cpu_count() or 1)
-PG_WORKERS = tuple(sorted({1, os.cpu_count() or 1, PRODUCTION_WORKERS}))
+#: `tally serve --workers N` on PostgreSQL as README's "Deploying on PostgreSQL" has it: one
+#: process per core. One process, and two per core, are measured beside it.
+PRODUCTION_WORKERS = os.cpu_count() or 1
+PG_WORKERS = tuple(sorted({1, PRODUCTION_WORKERS, 2 * PRODUCTION_WORKERS}))
 STOCK = 10**12
 TALLY = str(Path(sys.executable).with_name("tally"))
 READY_TIMEOUT = 60.0
