@@ -524,22 +524,9 @@ def test_a_locking_read_of_many_accounts_loads_each_once_with_its_lots(
     """On PostgreSQL the accounts go in lists of fixed lengths, padded with repeats and split
     past the longest: every account comes back once, whole; an unknown one does not."""
     names = [f"many-{n:03d}" for n in range(count)]
-    with uow:
-        now = uow.clock()
-        for n, name in enumerate(names):
-            account = uow.accounts.get_for_update(name, create_at=now)
-            assert account is not None
-            for amount in (n + 1, 1_000):
-                account.grant(
-                    amount=amount,
-                    source="promotional",
-                    expires_at=None,
-                    priority=0,
-                    now=now,
-                    origin=Origin("seed"),
-                )
-            uow.accounts.save(account)
-        uow.commit()
+    for n, name in enumerate(names):
+        for amount in (n + 1, 1_000):
+            grant(uow, name, amount)
     with uow:
         loaded = uow.accounts.get_many_for_update([*reversed(names), "nobody", names[0]])
         if uow.database.dialect == "postgresql":
