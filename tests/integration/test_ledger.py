@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from tally.adapters.db.repository import _LOCK_ACCOUNTS_LISTED
 from tally.adapters.db.schema import entries, lots
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.domain.errors import (
@@ -531,7 +532,7 @@ def test_a_locking_read_of_many_accounts_loads_each_once_with_its_lots(
         loaded = uow.accounts.get_many_for_update([*reversed(names), "nobody", names[0]])
         if uow.database.dialect == "postgresql":
             # The listed read alone, without the one-by-one path that fills in the rest.
-            rows = uow.accounts._lock_listed([*names, "nobody"])
+            rows = uow.accounts._listed(_LOCK_ACCOUNTS_LISTED, [*names, "nobody"])
             per_account = Counter(row.account_id for row in rows)
             assert per_account == dict.fromkeys(names, 2), "one row per open lot"
     assert sorted(loaded) == names

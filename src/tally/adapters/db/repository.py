@@ -14,9 +14,7 @@ from typing import Any, Final
 from sqlalchemy import (
     Connection,
     Row,
-    String,
     and_,
-    any_,
     bindparam,
     func,
     insert,
@@ -26,7 +24,6 @@ from sqlalchemy import (
     true,
     tuple_,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -162,8 +159,17 @@ def _account_query(where: Any) -> Any:
 
 _ACCOUNT_QUERY = _account_query(accounts.c.account_id == bindparam("account_id"))
 _ACCOUNT = FastStatement(_ACCOUNT_QUERY)
-_MANY = bindparam("account_ids", type_=postgresql.ARRAY(String))
-_ACCOUNTS_MANY = FastStatement(_account_query(accounts.c.account_id == any_(_MANY)))
+#: PostgreSQL: a read of several accounts lists them as parameters, as many as the next of
+#: these lengths, the last account repeated to fill. For a list of known length PostgreSQL
+#: keeps one generic plan; for an array of unknown length (`= ANY($1)`) it chose to plan each
+#: call anew, and planning (220 µs) took longer than the read.
+ACCOUNT_LIST_LENGTHS: Final = (2, 4, 8, 16, 32, 64)
+_ACCOUNTS_LISTED = {
+    length: FastStatement(
+        _account_query(accounts.c.account_id.in_([bindparam(f"a{n}") for n in range(length)]))
+    )
+    for length in ACCOUNT_LIST_LENGTHS
+}
 
 
 def _locked(query: Any) -> Any:
@@ -186,18 +192,8 @@ def _locked(query: Any) -> Any:
 
 
 _LOCK_ACCOUNT = FastStatement(_locked(_ACCOUNT_QUERY))
-#: PostgreSQL: a batch's locking read lists its accounts as parameters, as many as the next of
-#: these lengths, the last account repeated to fill. For a list of known length PostgreSQL
-#: keeps one generic plan; for an array of unknown length (`= ANY($1)`) it chose to plan each
-#: call anew, and planning (220 µs) took longer than the read.
-LOCK_LIST_LENGTHS: Final = (2, 4, 8, 16, 32, 64)
 _LOCK_ACCOUNTS_LISTED = {
-    length: FastStatement(
-        _locked(
-            _account_query(accounts.c.account_id.in_([bindparam(f"a{n}") for n in range(length)]))
-        )
-    )
-    for length in LOCK_LIST_LENGTHS
+    length: FastStatement(_locked(read.statement)) for length, read in _ACCOUNTS_LISTED.items()
 }
 _PENDING_HOLDS = FastStatement(
     _hold_query().where(
@@ -416,11 +412,11 @@ class SqlAccounts:
         ordered = sorted(set(account_ids))
         loaded: dict[str, Account] = {}
         if self.dialect == "postgresql" and len(ordered) > 1:
-            rows = self._lock_listed(ordered)
+            rows = self._listed(_LOCK_ACCOUNTS_LISTED, ordered)
             stale = sorted({row.account_id for row in rows if not row.fresh})
             if stale:  # the locks are held: this read is current
                 rows = [row for row in rows if row.account_id not in stale]
-                rows += _ACCOUNTS_MANY.rows(self.connection, {"account_ids": stale})
+                rows += self._listed(_ACCOUNTS_LISTED, stale)
             by_account: dict[str, list[Any]] = {}
             for row in rows:
                 by_account.setdefault(row.account_id, []).append(row)
@@ -437,17 +433,18 @@ class SqlAccounts:
                     loaded[account_id] = account
         return loaded
 
-    def _lock_listed(self, ordered: list[str]) -> list[Any]:
-        """Lock and read accounts, `ordered` by id, in lists of `LOCK_LIST_LENGTHS`. The
-        lists go in order, each locking in order: the lock order stays the accounts' order."""
+    def _listed(self, reads: dict[int, FastStatement], ordered: list[str]) -> list[Any]:
+        """Run a read of accounts, `ordered` by id, in lists of `ACCOUNT_LIST_LENGTHS`. The
+        lists go in order, a locking read locks each in order: the lock order stays the
+        accounts' order."""
         rows: list[Any] = []
-        longest = LOCK_LIST_LENGTHS[-1]
+        longest = ACCOUNT_LIST_LENGTHS[-1]
         for start in range(0, len(ordered), longest):
             part = ordered[start : start + longest]
-            length = next(n for n in LOCK_LIST_LENGTHS if n >= len(part))
+            length = next(n for n in ACCOUNT_LIST_LENGTHS if n >= len(part))
             listed = part + part[-1:] * (length - len(part))
             params = {f"a{n}": account_id for n, account_id in enumerate(listed)}
-            rows += _LOCK_ACCOUNTS_LISTED[length].rows(self.connection, params)
+            rows += reads[length].rows(self.connection, params)
         return rows
 
     def _complete(
