@@ -41,6 +41,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/sqlite_floor.py
 	$(BIN)/python bench/http.py
 	$(BIN)/python bench/commerce.py
 

@@ -518,6 +518,28 @@ def test_one_save_writes_many_rows_of_each_kind(uow: SqlUnitOfWork) -> None:
     assert_conserved(uow)
 
 
+def test_a_core_statement_cannot_run_among_deferred_writes(uow: SqlUnitOfWork) -> None:
+    """On PostgreSQL the writes of a batch wait for its commit: a Core statement in between
+    would run before them (and a read would miss them), so it fails at once. SQLite sends
+    every write at once, where a Core statement is in order."""
+    grant(uow, "deferred", 5)
+    with uow:
+        account = uow.accounts.get_for_update("deferred")
+        assert account is not None
+        account.debit(amount=2, now=uow.clock(), origin=Origin("deferred"))
+        with uow.batch():
+            uow.accounts.save(account)
+            read = select(lots.c.remaining).where(lots.c.account_id == "deferred")
+            if uow.database.dialect == "postgresql":
+                with pytest.raises(AssertionError, match="Core statement inside deferred"):
+                    uow.accounts.connection.execute(read)
+            else:
+                assert uow.accounts.connection.execute(read).scalar_one() == 3
+            uow.commit()
+    assert available(uow, "deferred") == 3
+    assert_conserved(uow)
+
+
 @pytest.mark.parametrize("count", [2, 3, 64, 65, 130])
 def test_a_locking_read_of_many_accounts_loads_each_once_with_its_lots(
     uow: SqlUnitOfWork, count: int

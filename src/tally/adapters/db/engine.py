@@ -11,6 +11,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from tally.adapters.db import fast
+
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 #: SQLite's page cache per connection (its default is 2 MiB). Ledger writes touch pages all over
 #: the accounts, lots and journal indexes; a miss costs a read system call inside the write lock.
@@ -83,6 +85,7 @@ def connect(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Database:
         pool_recycle=POOL_RECYCLE_SECONDS,
         isolation_level="READ COMMITTED",
     )
+    fast.refuse_core_inside_deferred_writes(engine)
     return Database(engine, None)
 
 

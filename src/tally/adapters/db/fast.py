@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Dialect, Table, bindparam, update
+from sqlalchemy import Connection, Dialect, Engine, Table, bindparam, event, update
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.expression import ClauseElement
@@ -131,6 +131,19 @@ def deferred_writes(connection: Connection) -> Iterator[None]:
         assert not _DEFERRED[driver], "deferred writes are sent by a commit inside the block"
     finally:
         del _DEFERRED[driver]
+
+
+def refuse_core_inside_deferred_writes(engine: Engine) -> None:
+    """PostgreSQL: inside `deferred_writes` only fast statements may run. A Core statement
+    there would reach the server before the writes queued ahead of it, and a read would not
+    see them; this makes such a mistake fail at once instead of reordering writes. The check
+    costs Core executions a global's truth, and fast statements nothing."""
+
+    @event.listens_for(engine, "before_execute")
+    def _refuse(connection: Connection, *_: Any) -> None:
+        assert not (_DEFERRED and connection.connection.driver_connection in _DEFERRED), (
+            "a Core statement inside deferred writes (uow.batch()): use fast statements"
+        )
 
 
 def flush_writes(connection: Connection) -> None:

@@ -109,7 +109,8 @@ class SqlUnitOfWork:
         """Send the writes inside in as few round trips as can be: on PostgreSQL they wait, and
         go as one statement at the `commit()` made inside (`fast.deferred_writes`). Their
         errors surface there; a lost idempotency race is told apart from every other error.
-        Inside, write only through the repositories' fast statements, each row once."""
+        Inside, write only through the repositories' fast statements, each row once (on
+        PostgreSQL a Core statement there fails an assertion)."""
         assert self._connection is not None, "batch outside `with uow:`"
         if self.database.dialect != "postgresql":
             yield
