@@ -70,6 +70,8 @@ def by_hand(db: Database) -> Worker:
     assert driver is not None
 
     def compiled(statement: FastStatement) -> tuple[str, Callable[[dict[str, Any]], Any]]:
+        # The text Tally runs, and its parameters in order; the values here come already in
+        # the driver's forms, so none of Tally's own encoding (`FastStatement._arguments`) runs.
         found = statement._compiled(writer)
         assert found.positions is not None
         defaults, positions = found.defaults, found.positions

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from tally.adapters.db import fast
 from tally.adapters.db.repository import _LOCK_ACCOUNTS_LISTED
 from tally.adapters.db.schema import entries, lots
 from tally.adapters.db.uow import SqlUnitOfWork
@@ -537,6 +538,38 @@ def test_a_core_statement_cannot_run_among_deferred_writes(uow: SqlUnitOfWork) -
                 assert uow.accounts.connection.execute(read).scalar_one() == 3
             uow.commit()
     assert available(uow, "deferred") == 3
+    assert_conserved(uow)
+
+
+def test_debits_of_eight_accounts_write_in_one_statement(
+    uow: SqlUnitOfWork, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change that only adds entries rewrites its account's `entry_seq` alone: on PostgreSQL
+    the writes of eight such debits (accounts, lots, entries) then go as one joined statement,
+    not two. The accounts still read back whole."""
+    names = [f"eight-{n}" for n in range(8)]
+    for name in names:
+        grant(uow, name, 5)
+    real = fast._execute_joined
+    joined: list[int] = []
+
+    def counted(cursor: Any, run: list[tuple[str, Any]]) -> None:
+        joined.append(len(run))
+        real(cursor, run)
+
+    monkeypatch.setattr(fast, "_execute_joined", counted)
+    with uow:
+        loaded = uow.accounts.get_many_for_update(names)
+        for account in loaded.values():
+            account.debit(amount=1, now=uow.clock(), origin=Origin("eight"))
+        with uow.batch():
+            uow.accounts.save_many(list(loaded.values()))
+            uow.commit()
+    assert joined == ([3] if uow.database.dialect == "postgresql" else [])
+    for name in names:
+        balance = ledger.get_balance(name, uow)
+        assert (balance.available, balance.debt) == (4, 0)
+        assert [e.seq for e in ledger.list_entries(name, uow, limit=5).items] == [2, 1]
     assert_conserved(uow)
 
 

@@ -212,6 +212,10 @@ _LOTS_BY_ID = select(lots).where(
 _UPDATE_ACCOUNT = update_by_key(
     accounts, "account_id", ("debt", "entry_seq", "pending_holds", "email")
 )
+# The common case, a change that only added entries (a debit, a grant with no debt to repay):
+# on PostgreSQL a batch of eight such rows fits in the one statement its other writes make
+# (`fast.CACHED_QUERY_PARAMS_MAX`), one round trip fewer before its COMMIT.
+_UPDATE_ACCOUNT_SEQ = update_by_key(accounts, "account_id", ("entry_seq",))
 _UPDATE_LOT = update_by_key(lots, "lot_id", ("remaining", "is_open", "voided_at"))
 # The common case, a spend that leaves the lot open: touches no index.
 _UPDATE_LOT_REMAINING = update_by_key(lots, "lot_id", ("remaining",))
@@ -246,24 +250,36 @@ _SPENDING_ORDER = (
 
 #: Per loaded lot: (open, voided_at) as read, to tell a remaining-only update from a full one.
 LoadedLots = dict[str, tuple[bool, datetime | None]]
+#: Per loaded account: (debt, pending_holds, email) as read, to tell an update of `entry_seq`
+#: alone from a full one.
+LoadedAccounts = dict[str, tuple[int, int, str | None]]
 
 
 def _rows_of(
-    account: Account, rows: dict[FastStatement, list[dict[str, Any]]], loaded: LoadedLots
+    account: Account,
+    rows: dict[FastStatement, list[dict[str, Any]]],
+    loaded: LoadedLots,
+    loaded_accounts: LoadedAccounts,
 ) -> None:
     touched = account.new_lots or account.changed_lot_ids or account.new_holds
     # Any change to lots or holds rewrites the account row too: a new row version is how a
     # locking read tells that the lots it joined may be stale (see `_locked`).
     if account.new_entries or account.email_changed or touched or account.changed_hold_ids:
-        rows[_UPDATE_ACCOUNT].append(
-            {
-                "b_account_id": account.account_id,
-                "b_debt": account.debt,
-                "b_entry_seq": account.entry_seq,
-                "b_pending_holds": account.pending_holds,
-                "b_email": account.email,
-            }
-        )
+        as_read = (account.debt, account.pending_holds, account.email)
+        if loaded_accounts.get(account.account_id) == as_read:
+            rows[_UPDATE_ACCOUNT_SEQ].append(
+                {"b_account_id": account.account_id, "b_entry_seq": account.entry_seq}
+            )
+        else:
+            rows[_UPDATE_ACCOUNT].append(
+                {
+                    "b_account_id": account.account_id,
+                    "b_debt": account.debt,
+                    "b_entry_seq": account.entry_seq,
+                    "b_pending_holds": account.pending_holds,
+                    "b_email": account.email,
+                }
+            )
     new_lot_ids = {lot.id for lot in account.new_lots}
     rows[_INSERT_LOTS] += [
         {
@@ -355,6 +371,7 @@ class SqlAccounts:
         self.connection = connection
         self.dialect = connection.dialect.name
         self._loaded_lots: LoadedLots = {}
+        self._loaded_accounts: LoadedAccounts = {}
 
     def get_for_update(
         self,
@@ -469,6 +486,7 @@ class SqlAccounts:
             created_at=decode_time(row.created_at),
             is_new=is_new,
         )
+        self._loaded_accounts[account_id] = (account.debt, account.pending_holds, account.email)
         if is_new:
             return account
         loaded_holds = []
@@ -520,6 +538,7 @@ class SqlAccounts:
             statement: []
             for statement in (
                 _UPDATE_ACCOUNT,
+                _UPDATE_ACCOUNT_SEQ,
                 _INSERT_LOTS,
                 _UPDATE_LOT,
                 _UPDATE_LOT_REMAINING,
@@ -530,7 +549,7 @@ class SqlAccounts:
             )
         }
         for account in changed:
-            _rows_of(account, rows, self._loaded_lots)
+            _rows_of(account, rows, self._loaded_lots, self._loaded_accounts)
         # Parents before children: lots and holds before the entries that name them.
         for statement, batch in rows.items():
             if batch:
