@@ -81,7 +81,7 @@ def by_hand(db: Database) -> Worker:
         return found.sql, lambda values: order({**defaults, **values})
 
     read, read_arguments = compiled(repository._ACCOUNT)
-    account_sql, account_arguments = compiled(repository._UPDATE_ACCOUNT)
+    account_sql, account_arguments = compiled(repository._UPDATE_ACCOUNT_SEQ)
     lot_sql, lot_arguments = compiled(repository._UPDATE_LOT_REMAINING)
     entry_sql, entry_arguments = compiled(repository._INSERT_ENTRIES)
     key_sql, key_arguments = compiled(repository._IDEMPOTENCY_ADD)
@@ -103,15 +103,7 @@ def by_hand(db: Database) -> Worker:
             entry_id = new_id("ent", now)
             driver.execute(
                 account_sql,
-                account_arguments(
-                    {
-                        "b_account_id": account_id,
-                        "b_debt": 0,
-                        "b_entry_seq": seq,
-                        "b_pending_holds": 0,
-                        "b_email": None,
-                    }
-                ),
+                account_arguments({"b_account_id": account_id, "b_entry_seq": seq}),
             )
             driver.execute(lot_sql, lot_arguments({"b_lot_id": lot_id, "b_remaining": remaining}))
             driver.execute(
