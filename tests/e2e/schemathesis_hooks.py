@@ -1,4 +1,4 @@
-"""What `schemathesis run` (tests/e2e/test_http_schema.py, schemathesis.toml) adds to its
+"""What `schemathesis run` (tests/e2e/test_http_schema.py, tests/e2e/schemathesis.toml) adds to its
 built-in checks for Tally.
 
 - Each request's Idempotency-Key is made from the request itself. A key stands for one
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import MutableMapping
 from typing import Any, Final
 
 import schemathesis
@@ -44,8 +45,8 @@ def _valid_key(value: object) -> bool:
 
 
 @schemathesis.hook
-def before_call(context: HookContext, case: Case, kwargs: dict[str, Any]) -> None:
-    headers = case.headers or {}
+def before_call(context: HookContext, case: Case[Any], kwargs: dict[str, Any]) -> None:
+    headers: MutableMapping[str, Any] = case.headers or {}
     name = next((h for h in headers if h.lower() == "idempotency-key"), None)
     if name is None or not _valid_key(headers[name]):
         return
@@ -59,7 +60,7 @@ def before_call(context: HookContext, case: Case, kwargs: dict[str, Any]) -> Non
 
 @schemathesis.check
 def refused_only_by_rules_beyond_the_schema(
-    ctx: CheckContext, response: Response, case: Case
+    ctx: CheckContext, response: Response, case: Case[Any]
 ) -> bool | None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
