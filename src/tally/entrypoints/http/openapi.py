@@ -60,7 +60,7 @@ STATE_RULES: Final[dict[str, str]] = {
     "POST /v1/redemptions": (
         "A code that was never issued, was voided or was used is 422 `code_invalid_or_used`."
     ),
-    "PUT /v1/accounts/{account_id}": "An address that cannot receive mail is 422.",
+    "PUT /v1/accounts/{account_id}": "An address that cannot receive mail may be refused (422).",
     "POST /webhooks/stripe": (
         "A `Stripe-Signature` that is not Stripe's HMAC of this body with the webhook secret,"
         " or older than 300 s, is 400 `signature_invalid`; a signed event not in Stripe's"
@@ -111,11 +111,13 @@ def install(app: FastAPI, tools: Callable[[], Iterable[str]]) -> None:
     """Serve the rewritten document at /openapi.json (and to /docs). `tools`: the catalog's
     tool ids, read when the document is first asked for."""
     build = app.openapi
+    rewritten: dict[str, Any] | None = None
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None or app.openapi_schema.get("openapi") != OPENAPI_VERSION:
-            app.openapi_schema = rewrite(build(), tools=sorted(tools()))
-        return app.openapi_schema
+        nonlocal rewritten
+        if rewritten is None:
+            rewritten = app.openapi_schema = rewrite(build(), tools=sorted(tools()))
+        return rewritten
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -214,9 +216,18 @@ def _responses(operation: dict[str, Any], label: str) -> set[int]:
         if number == 429:
             answer["headers"] = {"Retry-After": _header("seconds to wait", integer=True)}
         responses[str(number)] = answer
+    keyed = any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
     for status, answer in responses.items():
         if status.startswith("2") and "content" not in answer and label == "GET /metrics":
             answer["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        headers = answer.setdefault("headers", {})
+        headers["X-Request-Id"] = _header("this request's id in Tally's log")
+        if status.startswith("2") and keyed:
+            headers["Idempotent-Replayed"] = {
+                "required": False,
+                "description": "`true` when this is the stored answer to an earlier request",
+                "schema": {"type": "string", "enum": ["true"]},
+            }
     return wanted
 
 
