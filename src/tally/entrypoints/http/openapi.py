@@ -202,6 +202,10 @@ def _responses(operation: dict[str, Any], label: str) -> set[int]:
     wanted |= set(ALWAYS) | set(EXTRA_STATUSES.get(label, ()))
     if "security" in operation:
         wanted |= {401, 403}
+    else:  # no key is asked for, so none is refused
+        wanted -= {401, 403}
+        for status in ("401", "403"):
+            responses.pop(status, None)
     codes = _codes_by_status()
     for number in sorted(wanted):
         known = codes.get(number, [])
