@@ -46,9 +46,7 @@ STATE_RULES: Final[dict[str, str]] = {
     "GET /v1/accounts/{account_id}/entries": (
         "A `starting_after` that names no entry of this account is 422 `invalid_input`."
     ),
-    "GET /v1/orders": (
-        "Give `email`, `order_number` or both: neither (or only blanks) is 422 `invalid_input`."
-    ),
+    "GET /v1/orders": "A `starting_after` that names no order is 422 `invalid_input`.",
     "POST /v1/accounts/{account_id}/grants": (
         "`expires_at` in the past is 422 `invalid_time`; a `valid_for` that is not an ISO 8601"
         " duration, not positive, or ends after the time range is 422 `invalid_duration`."
@@ -138,6 +136,8 @@ def rewrite(document: dict[str, Any], *, tools: list[str]) -> dict[str, Any]:
         for method, operation in methods.items():
             label = f"{method.upper()} {path}"
             _parameters(operation)
+            if label == "GET /v1/orders":
+                _order_filters(operation)
             statuses |= _responses(operation, label)
             rule = STATE_RULES.get(label)
             if rule:
@@ -179,6 +179,43 @@ def _parameters(operation: dict[str, Any]) -> None:
     operation["parameters"] = kept
     if not kept:
         del operation["parameters"]
+
+
+def _order_filters(operation: dict[str, Any]) -> None:
+    """`email`, `order_number` or both, each with more than white space: one form-exploded
+    object parameter, the one way OpenAPI 3.0 can require one of two query parameters. On the
+    wire it is the same `?email=...&order_number=...`."""
+    fields = {"email": "the buyer's or gift recipient's address", "order_number": "as sold"}
+    found = {p["name"]: p for p in operation["parameters"] if p["name"] in fields}
+    properties = {
+        name: {
+            "type": "string",
+            "maxLength": found[name]["schema"]["anyOf"][0]["maxLength"],
+            "pattern": TEXT_PATTERN,
+            "description": description,
+        }
+        for name, description in fields.items()
+    }
+    solid = [
+        {"required": [name], "properties": {name: {"pattern": SOLID_TEXT_PATTERN}}}
+        for name in fields
+    ]
+    combined = {
+        "name": "filter",
+        "in": "query",
+        "required": True,
+        "style": "form",
+        "explode": True,
+        "description": "`email`, `order_number` or both (blank ones count as not given)",
+        "schema": {
+            "type": "object",
+            "properties": properties,
+            "additionalProperties": False,
+            "anyOf": solid,
+        },
+    }
+    kept = [p for p in operation["parameters"] if p["name"] not in fields]
+    operation["parameters"] = [combined, *kept]
 
 
 def _time_schema(*, nullable: bool) -> dict[str, Any]:
