@@ -441,6 +441,16 @@ class InternalError(TallyError):
     title = "Internal error"
 
 
+class ConfigurationInvalid(TallyError):
+    """Tally's settings are unsafe or incomplete (production without a real processor, a
+    secret key or that processor's secrets). Raised at start-up, before anything is served;
+    the detail names every setting missing. `configuration_invalid`."""
+
+    code = "configuration_invalid"
+    status = 500
+    title = "Configuration invalid"
+
+
 def by_code() -> dict[str, type[TallyError]]:
     """Every error class by its `code`, so clients raise the class the server named."""
     found: dict[str, type[TallyError]] = {}

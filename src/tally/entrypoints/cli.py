@@ -15,6 +15,7 @@ import typer
 from tally import logs
 from tally.adapters.db.audit import MAX_LISTED_VIOLATIONS
 from tally.bootstrap import Tally, bootstrap
+from tally.config import Settings
 from tally.domain import keys, values
 from tally.domain.errors import TallyError
 from tally.entrypoints.views import balance_view, debit_view, entry_view, hold_view, lot_view
@@ -421,6 +422,8 @@ def serve(
     """Serve the HTTP API (and, unless TALLY_WORKER=off, the worker's jobs in-process)."""
     import uvicorn
 
+    # Refuse unsafe settings here, as one message, not as a traceback from every server process.
+    Settings.from_env().check()
     # A log event, not a bare line: the server's log stays one JSON object per line.
     log.info("serving", url=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
     uvicorn.run(

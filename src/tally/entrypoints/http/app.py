@@ -108,6 +108,8 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     app.add_middleware(Edge, metrics=metrics)
     app.include_router(v1.router)
     app.include_router(commerce.router)
+    if not tally.settings.production:
+        app.include_router(commerce.development_router)
     app.include_router(orders_http.router)  # issue 5: /v1/orders, /lost-code
     app.include_router(admin.router)  # issue 5: the support console, /admin
     app.include_router(refunds_http.router)  # issue 5: /v1/orders/{id}/refund

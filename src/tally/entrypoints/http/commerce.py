@@ -54,6 +54,9 @@ Spend = Annotated[Principal, Depends(Caller("spend"))]
 Support = Annotated[Principal, Depends(Caller("support"))]
 
 router = APIRouter()
+#: Routes that do not exist in production (create_app leaves them out there): the sandbox's
+#: Pay button, which makes paid orders for anyone, and the dev mailbox, which shows codes.
+development_router = APIRouter()
 
 
 def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -90,22 +93,24 @@ async def gumroad_webhook(
     request: Request, token: Annotated[str, Path(max_length=200)]
 ) -> Response:
     """Fulfil a Gumroad sale once. A wrong token or seller is a 404 with no side effect; a
-    temporary failure is a 503, so Gumroad tries again."""
+    temporary failure is a 503, so Gumroad tries again. The token says whose ping it is:
+    Gumroad's, or (in development) the sandbox checkout's own."""
     tally = tally_of(request)
-    if not payments.matches_secret(token, tally.gumroad_token):
+    processor = tally.webhook_processor(token)
+    if processor is None:
         raise NotFound("no such endpoint")
     ping = await _ping(request)
-    if not payments.matches_secret(ping.get("seller_id", ""), tally.gumroad_seller_id):
+    if not payments.matches_secret(ping.get("seller_id", ""), tally.seller_id(processor)):
         raise NotFound("no such endpoint")
     resource = ping.get("resource_name") or "sale"
     sale_id = ping.get("sale_id") or None
     if resource in _GUMROAD_REVERSALS and sale_id is not None:
-        return await run_in_threadpool(_gumroad_reversal, tally, ping, resource, sale_id)
+        return await run_in_threadpool(_gumroad_reversal, tally, processor, ping, resource, sale_id)
     if resource != "sale":
         return _accepted(ignored=resource)  # subscriptions: not sold yet
     if sale_id is None:
         raise InvalidInput("the ping has no sale_id")
-    return await run_in_threadpool(_gumroad_sale, tally, ping, sale_id)
+    return await run_in_threadpool(_gumroad_sale, tally, processor, ping, sale_id)
 
 
 # --- refunds and disputes reported by the processors (issue 5, engineer A) ------------------------
@@ -115,8 +120,9 @@ async def gumroad_webhook(
 _GUMROAD_REVERSALS: Final = ("refund", "dispute", "dispute_won")
 
 
-def _gumroad_reversal(tally: Tally, ping: dict[str, str], resource: str, sale_id: str) -> Response:
-    processor = "sandbox" if tally.settings.payments == "sandbox" else "gumroad"
+def _gumroad_reversal(
+    tally: Tally, processor: str, ping: dict[str, str], resource: str, sale_id: str
+) -> Response:
     key = f"{resource}:{sale_id}"
     refunded = None  # the whole sale, unless Gumroad says a part, and how much in all
     partial = ping.get("partially_refunded", "").lower() == "true"
@@ -192,9 +198,9 @@ def _record(tally: Tally, event: ProcessorEvent) -> str:
     )
 
 
-def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
+def _gumroad_sale(tally: Tally, processor: str, ping: dict[str, str], sale_id: str) -> Response:
     settings = tally.settings
-    if settings.gumroad_access_token:
+    if processor == "gumroad" and settings.gumroad_access_token:  # Gumroad never saw the sandbox
         api = payments.GumroadApi(settings.gumroad_api_base, settings.gumroad_access_token)
         try:
             confirmed = api.sale(sale_id)
@@ -207,7 +213,6 @@ def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
             return _accepted(ignored="unconfirmed")
         ping = {**ping, **{k: v for k, v in confirmed.items() if k in _CONFIRMED_FIELDS}}
     package = payments.gumroad_package(tally.catalog, ping)
-    processor = "sandbox" if settings.payments == "sandbox" else "gumroad"
     if package is None:
         commerce.record_unmatched(
             processor, sale_id, "no package for this product", ping, tally.uow()
@@ -402,6 +407,8 @@ def checkout(
         return RedirectResponse(f"https://gumroad.com/l/{permalink}", 303)
     if settings.payments == "stripe":
         return RedirectResponse(_stripe_checkout(tally, package.id, email, gift_email), 303)
+    if not settings.sandbox:
+        raise NotFound("the sandbox checkout is off")
     return _page(
         "checkout.html.j2",
         title=f"Buy {package.name}",
@@ -439,7 +446,9 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
     return str(session.url)
 
 
-@router.post("/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False)
+@development_router.post(
+    "/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False
+)
 def sandbox_pay(
     tally: App,
     package_id: Annotated[str, Path(max_length=64)],
@@ -447,7 +456,7 @@ def sandbox_pay(
     gift_email: Annotated[str, Form(max_length=320)] = "",
 ) -> HTMLResponse:
     """The sandbox's Pay button: a Gumroad-format ping to Tally's own webhook, over HTTP."""
-    if tally.settings.payments != "sandbox":
+    if not tally.settings.sandbox:
         raise NotFound("the sandbox checkout is off")
     package = tally.catalog.packages.get(package_id)
     if package is None:
@@ -455,7 +464,7 @@ def sandbox_pay(
     sale_id = f"sandbox-{secrets.token_hex(8)}"
     gift = gift_email.strip()
     ping = {
-        "seller_id": tally.gumroad_seller_id,
+        "seller_id": tally.seller_id("sandbox"),
         "sale_id": sale_id,
         "sale_timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "order_number": str(secrets.randbelow(10**9)),
@@ -472,7 +481,7 @@ def sandbox_pay(
         "gifter_email": email.strip() if gift else "",
         "refunded": "false",
     }
-    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.gumroad_token}"
+    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.sandbox_token}"
     try:
         answer = httpx.post(url, data=ping, timeout=SANDBOX_TIMEOUT_SECONDS)
     except httpx.TransportError as error:
@@ -487,7 +496,7 @@ def sandbox_pay(
     )
 
 
-@router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
+@development_router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
 def mailbox(tally: App) -> HTMLResponse:
     if tally.settings.production or tally.settings.smtp_url:
         raise NotFound("the development mailbox is off")
