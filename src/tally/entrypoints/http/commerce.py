@@ -357,7 +357,9 @@ def redeem_form(
     code: Annotated[str, Form(max_length=64)],
     account: Annotated[str, Form(max_length=128)],
 ) -> HTMLResponse:
-    account_id = account.strip().lower()
+    # Exactly as typed, case and all: account ids are the platforms' own user ids, not emails,
+    # and `User_A` and `user_a` are two people. Only surrounding spaces (never valid) go.
+    account_id = account.strip()
     address = request.client.host if request.client else None
     try:
         lot = commerce.redeem(
