@@ -80,9 +80,8 @@ def find_orders(
 ) -> Page[OrderSummary]:
     """Orders matching every filter given (at least one), newest first; the email matches
     whatever its case. A page starts after the order `starting_after`."""
-    email = _text(email, "email", EMAIL_MAX)
-    if email is not None:
-        email = values.email(email)
+    # A blank filter is no filter; anything else must be one address.
+    email = values.email(email) if isinstance(email, str) and email.strip() else None
     order_number = _text(order_number, "order_number", ORDER_NUMBER_MAX)
     if email is None and order_number is None:
         raise InvalidInput("give an email or an order_number (or both)")

@@ -438,6 +438,9 @@ def checkout(
 def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str | None) -> str:
     import stripe
 
+    # Stripe is handed only addresses the webhook would accept back.
+    email = values.email(email) if email else None
+    gift = values.email(gift, field="gift_email") if gift else None
     settings = tally.settings
     package = tally.catalog.packages[package_id]
     if not settings.stripe_api_key or not package.stripe_price_id:
@@ -446,8 +449,6 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
     )
-    email = values.email(email) if email else None
-    gift = values.email(gift, field="gift_email") if gift else None
     metadata = {"package": package.id, **({"gift_email": gift} if gift else {})}
     params: dict[str, Any] = {
         "mode": "payment",
@@ -469,7 +470,8 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
 def sandbox_pay(
     tally: App,
     package_id: Annotated[str, Path(max_length=64)],
-    email: Annotated[str, Form(max_length=320)],
+    # Blank is the validator's to refuse, as a field error on the form, like any bad address.
+    email: Annotated[str, Form(max_length=320)] = "",
     gift_email: Annotated[str, Form(max_length=320)] = "",
 ) -> HTMLResponse:
     """The sandbox's Pay button: a Gumroad-format ping to Tally's own webhook, over HTTP."""

@@ -171,8 +171,8 @@ def lost_code_page() -> HTMLResponse:
 def lost_code_form(
     request: Request,
     tally: App,
-    email: Annotated[str, Form(max_length=orders.EMAIL_MAX)],
     order_number: Annotated[str, Form(max_length=orders.ORDER_NUMBER_MAX)],
+    email: Annotated[str, Form(max_length=orders.EMAIL_MAX)] = "",  # blank: a field error
 ) -> HTMLResponse:
     address = request.client.host if request.client else None
     try:
