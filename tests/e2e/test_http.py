@@ -918,7 +918,7 @@ def test_unknown_fields_and_bodies_of_the_wrong_shape(api: Api, stocked: dict[st
     account = stocked["account"]
     refused = problem(api.put(f"/v1/accounts/{account}", {"emial": "a@b.c"}), 422, "invalid_input")
     assert refused["errors"][0]["loc"] == ["body", "emial"]
-    problem(api.put(f"/v1/accounts/{account}", {"email": "not an address"}), 422, "invalid_input")
+    problem(api.put(f"/v1/accounts/{account}", {"email": "not an address"}), 422, "invalid_email")
     for path in (f"/v1/holds/{stocked['hold']}/release", f"/v1/lots/{stocked['lot']}/void"):
         problem(api.post(path, {"reason": "r", "extra": True}), 422, "invalid_input")
         problem(api.post(path, [1, 2]), 422, "invalid_input")
@@ -967,7 +967,7 @@ def test_ids_and_emails_no_database_can_store(api: Api, stocked: dict[str, str])
         content=b'{"email": "a\\u0000b@example.com"}',
         headers={"Content-Type": "application/json"},
     )
-    problem(put, 422, "invalid_input")
+    problem(put, 422, "invalid_email")
     lots = api.get(f"/v1/accounts/{account}/lots", starting_after="lot_\x00")
     problem(lots, 404, "lot_not_found")
     entries = api.get(f"/v1/accounts/{account}/entries", starting_after="ent_\x00")

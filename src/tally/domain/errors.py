@@ -113,6 +113,15 @@ class UnknownTool(InvalidInput):
     title = "Unknown tool"
 
 
+class InvalidEmail(InvalidInput):
+    """An email address is not one bare, deliverable-looking address: a display name, a list,
+    a line break, a NUL, a non-ASCII local part or over 254 characters. `invalid_email`, 422;
+    `reason` says what is wrong, in the validating library's words."""
+
+    code = "invalid_email"
+    title = "Invalid email address"
+
+
 class PayloadTooLarge(TallyError):
     """A request body is over the limit every endpoint has (64 KiB). 413."""
 

@@ -10,11 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import isodate
+from email_validator import EmailNotValidError, validate_email
 
 from tally.domain.errors import (
     InvalidAccountId,
     InvalidAmount,
     InvalidDuration,
+    InvalidEmail,
     InvalidIdempotencyKey,
     InvalidTime,
 )
@@ -24,6 +26,8 @@ from tally.domain.errors import (
 MAX_AMOUNT: Final = 2**53
 ACCOUNT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 IDEMPOTENCY_KEY_MAX_LENGTH: Final = 255
+#: RFC 5321's limit on a path (256) less its angle brackets.
+EMAIL_MAX_LENGTH: Final = 254
 NEVER: Final = "never"
 
 
@@ -64,6 +68,41 @@ def idempotency_key(value: str) -> str:
             f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX_LENGTH} printable characters"
         )
     return value
+
+
+def email(raw: str, *, field: str = "email") -> str:
+    """One bare address, normalised (the domain in lower-case ASCII), or InvalidEmail.
+
+    Refused: display names, lists, quoted local parts, IP literals, line breaks and other
+    control characters, whitespace inside, a non-ASCII local part (mail leaves without
+    SMTPUTF8) and anything over 254 characters. Spaces and tabs around the address are
+    typing, not part of it. The local part keeps its case: compare addresses with
+    `casefold()`, as everywhere in Tally."""
+    if not isinstance(raw, str):
+        raise _not_an_address(field, "it is not text")
+    text = raw.strip(" \t")
+    if len(text) > EMAIL_MAX_LENGTH:
+        raise _not_an_address(field, f"it is longer than {EMAIL_MAX_LENGTH} characters")
+    try:
+        checked = validate_email(
+            text,
+            check_deliverability=False,  # no DNS where an address enters
+            allow_smtputf8=False,
+            allow_display_name=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+        )
+    except EmailNotValidError as error:
+        raise _not_an_address(field, str(error)) from error
+    # The library refuses these already; a header line is never built from one regardless.
+    if not checked.normalized.isprintable() or any(c.isspace() for c in checked.normalized):
+        raise _not_an_address(field, "the address contains whitespace or control characters")
+    address: str = checked.ascii_email or checked.normalized
+    return address
+
+
+def _not_an_address(field: str, reason: str) -> InvalidEmail:
+    return InvalidEmail(f"{field} is not one email address: {reason}", field=field, reason=reason)
 
 
 class Validity:
@@ -193,11 +232,13 @@ def is_id(value: str, prefix: str) -> bool:
 
 
 __all__ = [
+    "EMAIL_MAX_LENGTH",
     "MAX_AMOUNT",
     "NEVER",
     "Validity",
     "account_id",
     "credits",
+    "email",
     "format_time",
     "idempotency_key",
     "is_id",

@@ -386,6 +386,7 @@ def staff_create(
     """Create a staff member; the password is asked twice, hidden (at least 12 characters)."""
     from tally.service import staff
 
+    staff.normalise_email(email)  # a wrong address is refused before the password is asked
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

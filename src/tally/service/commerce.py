@@ -117,11 +117,22 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
 
 def record_unmatched(
     processor: str, sale_id: str | None, reason: str, payload: object, uow: UnitOfWork
-) -> None:
-    """A ping Tally will not fulfil by guess (an unknown product): kept for support."""
+) -> bool:
+    """A ping Tally will not fulfil by guess (an unknown product, an unusable address): kept
+    for support once per sale, however often the processor repeats it, and not at all when
+    the sale has an order already. True when it was kept now."""
     with uow:
+        if sale_id is not None:
+            # What the store keeps of the id: PostgreSQL holds no NUL, the column 128 chars.
+            kept_id = sale_id.replace("\x00", "\ufffd")[:128]
+            uow.commerce.lock_sale(processor, f"unmatched:{kept_id}")  # one of two repeats
+            if uow.commerce.order_by_sale(processor, kept_id) is not None:
+                return False
+            if uow.commerce.unmatched_recorded(processor, kept_id):
+                return False
         uow.commerce.add_unmatched(processor, sale_id, reason, payload, uow.clock())
         uow.commit()
+    return True
 
 
 @dataclass(frozen=True)

@@ -270,13 +270,15 @@ class SqlCommerce:
     def add_unmatched(
         self, processor: str, sale_id: str | None, reason: str, payload: Any, now: datetime
     ) -> None:
+        """Kept as it came, except what neither database can store: a NUL becomes U+FFFD and
+        a sale id over 128 characters is cut, so a hostile ping is kept, not a 500."""
         self.connection.execute(
             insert(unmatched_pings).values(
                 ping_id=new_id("ping", now),
                 processor=processor,
-                sale_id=sale_id,
-                reason=reason[:200],
-                payload=payload,
+                sale_id=_storable_sale_id(sale_id),
+                reason=_storable(reason)[:200],
+                payload=_storable(payload),
                 created_at=now,
             )
         )
@@ -344,7 +346,10 @@ class SqlCommerce:
     def unmatched_recorded(self, processor: str, sale_id: str) -> bool:
         row = self.connection.execute(
             select(unmatched_pings.c.ping_id)
-            .where(unmatched_pings.c.processor == processor, unmatched_pings.c.sale_id == sale_id)
+            .where(
+                unmatched_pings.c.processor == processor,
+                unmatched_pings.c.sale_id == _storable_sale_id(sale_id),
+            )
             .limit(1)
         ).first()
         return row is not None
@@ -487,6 +492,21 @@ class SqlCommerce:
             .order_by(processor_events.c.restored_at, processor_events.c.event_id)
         ).all()
         return [str(row[0]) for row in rows]
+
+
+def _storable(value: Any) -> Any:
+    """JSON as given, with every NUL (which PostgreSQL refuses in text and JSONB) as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_storable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _storable_sale_id(sale_id: str | None) -> str | None:
+    return None if sale_id is None else _storable(sale_id)[:128]
 
 
 def _sale_lock_key(processor: str, key: str) -> str:

@@ -23,6 +23,7 @@ from tally.domain.commerce import Sale
 from tally.domain.errors import (
     CodeInvalidOrUsed,
     DatabaseUnavailable,
+    InvalidEmail,
     InvalidInput,
     NotFound,
     RateLimited,
@@ -69,6 +70,22 @@ def _accepted(**body: Any) -> Response:
 
 def _fulfil(tally: Tally, sale: Sale) -> commerce.Fulfilment:
     return commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+
+
+def _unusable(
+    tally: Tally, processor: str, sale_id: str | None, payload: object, error: InvalidInput
+) -> Response:
+    """A paid sale reported with what Tally cannot act on (an unusable address, a price out
+    of range): kept for support and answered 200, since the processor would resend the same
+    thing for days; never fulfilled to a guess."""
+    reason = f"{error.code}: {error.detail}"
+    commerce.record_unmatched(processor, sale_id, reason, payload, tally.uow())
+    return _accepted(ignored=error.code, reason=error.detail)
+
+
+def email_field_error(error: InvalidEmail) -> str:
+    """What a form says next to an address it refused."""
+    return f"Enter one email address, such as name@example.com. {error.extra.get('reason', '')}"
 
 
 # --- webhooks -----------------------------------------------------------------------------------
@@ -218,8 +235,11 @@ def _gumroad_sale(tally: Tally, processor: str, ping: dict[str, str], sale_id: s
             processor, sale_id, "no package for this product", ping, tally.uow()
         )
         return _accepted(ignored="unknown product")
-    now = tally.clock()
-    done = _fulfil(tally, payments.gumroad_sale(ping, package, processor=processor, now=now))
+    try:
+        sale = payments.gumroad_sale(ping, package, processor=processor, now=tally.clock())
+    except InvalidInput as error:
+        return _unusable(tally, processor, sale_id, ping, error)
+    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -264,7 +284,11 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
         )
         return _accepted(ignored="unknown product")
     quantity = next((q for price, q in items if price == package.stripe_price_id), 1)
-    done = _fulfil(tally, payments.stripe_sale(session, package, quantity, now=tally.clock()))
+    try:
+        sale = payments.stripe_sale(session, package, quantity, now=tally.clock())
+    except InvalidInput as error:
+        return _unusable(tally, "stripe", str(session.get("id")), dict(session), error)
+    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -423,6 +447,9 @@ def checkout(
 def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str | None) -> str:
     import stripe
 
+    # Stripe is handed only addresses the webhook would accept back.
+    email = values.email(email) if email else None
+    gift = values.email(gift, field="gift_email") if gift else None
     settings = tally.settings
     package = tally.catalog.packages[package_id]
     if not settings.stripe_api_key or not package.stripe_price_id:
@@ -454,7 +481,8 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
 def sandbox_pay(
     tally: App,
     package_id: Annotated[str, Path(max_length=64)],
-    email: Annotated[str, Form(max_length=320)],
+    # Blank is the validator's to refuse, as a field error on the form, like any bad address.
+    email: Annotated[str, Form(max_length=320)] = "",
     gift_email: Annotated[str, Form(max_length=320)] = "",
 ) -> HTMLResponse:
     """The sandbox's Pay button: a Gumroad-format ping to Tally's own webhook, over HTTP."""
@@ -463,8 +491,27 @@ def sandbox_pay(
     package = tally.catalog.packages.get(package_id)
     if package is None:
         raise NotFound(f"no package {package_id!r}")
+    errors: dict[str, str] = {}
+    buyer = gift = ""
+    try:
+        buyer = values.email(email)
+    except InvalidEmail as error:
+        errors["email"] = email_field_error(error)
+    try:
+        gift = values.email(gift_email, field="gift_email") if gift_email.strip() else ""
+    except InvalidEmail as error:
+        errors["gift_email"] = email_field_error(error)
+    if errors:  # the form again, with what was typed and what to fix
+        return _page(
+            "checkout.html.j2",
+            422,
+            title=f"Buy {package.name}",
+            package=package,
+            email=email,
+            gift_email=gift_email,
+            errors=errors,
+        )
     sale_id = f"sandbox-{secrets.token_hex(8)}"
-    gift = gift_email.strip()
     ping = {
         "seller_id": tally.seller_id("sandbox"),
         "sale_id": sale_id,
@@ -473,14 +520,14 @@ def sandbox_pay(
         "product_id": package.gumroad_product_id or package.id,
         "product_permalink": f"{tally.settings.public_url}/l/{package.gumroad_permalink}",
         "product_name": package.name,
-        "email": gift or email.strip(),
+        "email": gift or buyer,
         "price": "0" if gift else str(package.price),
         "currency": package.currency.lower(),
         "quantity": "1",
         "resource_name": "sale",
         "test": "true",
         "is_gift_receiver_purchase": "true" if gift else "false",
-        "gifter_email": email.strip() if gift else "",
+        "gifter_email": buyer if gift else "",
         "refunded": "false",
     }
     url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.sandbox_token}"
@@ -492,7 +539,7 @@ def sandbox_pay(
         ) from error
     if answer.status_code != 200:
         raise TallyError(f"the webhook answered {answer.status_code}")
-    shown = gift or email.strip()
+    shown = gift or buyer
     return _page(
         "paid.html.j2", title="Thank you", email=shown, mailbox=not tally.settings.smtp_url
     )
