@@ -442,7 +442,7 @@ def serve(
 @app.command()
 @refusals
 def worker() -> None:
-    """Run the worker's scheduled jobs (the expiry sweep) in the foreground."""
+    """Run the worker's jobs (email, the expiry sweep, reconciliation) until SIGTERM."""
     from tally.entrypoints.worker import Worker
 
     tally = _tally()

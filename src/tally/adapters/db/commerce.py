@@ -229,26 +229,61 @@ class SqlCommerce:
         row = self.connection.execute(query).first()
         return None if row is None else _message(row)
 
-    def message_sent(self, message_id: str, context: dict[str, object], now: datetime) -> None:
+    def claim_message(self, now: datetime, *, until: datetime) -> tuple[str, int] | None:
+        """The oldest due message, claimed: its attempt counted and not due again until
+        `until`. Answers (its id, its attempts with this one). Reads no more than the id, so
+        a row that cannot be decoded is claimed, and failed, like any other. Concurrent
+        claims skip a row being claimed (PostgreSQL); SQLite's writers take turns."""
+        query = (
+            select(outbox.c.message_id, outbox.c.attempts)
+            .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now)
+            .order_by(outbox.c.next_attempt_at)
+            .limit(1)
+        )
+        if self.postgres:
+            query = query.with_for_update(skip_locked=True)
+        row = self.connection.execute(query).first()
+        if row is None:
+            return None
+        attempts = int(row.attempts) + 1
         self.connection.execute(
             update(outbox)
-            .where(outbox.c.message_id == message_id)
+            .where(outbox.c.message_id == row.message_id)
+            .values(attempts=attempts, next_attempt_at=until)
+        )
+        return str(row.message_id), attempts
+
+    def message(self, message_id: str) -> Message | None:
+        row = self.connection.execute(
+            select(outbox).where(outbox.c.message_id == message_id)
+        ).first()
+        return None if row is None else _message(row)
+
+    def message_sent(
+        self, message_id: str, context: dict[str, object], now: datetime, *, attempts: int
+    ) -> bool:
+        """Recorded only while the claim that made `attempts` holds (not requeued since)."""
+        done = self.connection.execute(
+            update(outbox)
+            .where(*_claim_holds(message_id, attempts))
             .values(status="sent", sent_at=now, context=context, last_error=None)
         )
+        return done.rowcount == 1
 
     def message_failed(
         self, message_id: str, *, attempts: int, retry_at: datetime | None, error: str
-    ) -> None:
-        self.connection.execute(
+    ) -> bool:
+        """Recorded only while the claim that made `attempts` holds (not requeued since)."""
+        done = self.connection.execute(
             update(outbox)
-            .where(outbox.c.message_id == message_id)
+            .where(*_claim_holds(message_id, attempts))
             .values(
-                attempts=attempts,
                 status="pending" if retry_at is not None else "failed",
                 next_attempt_at=retry_at if retry_at is not None else outbox.c.next_attempt_at,
                 last_error=error[:500],
             )
         )
+        return done.rowcount == 1
 
     def messages_of_order(self, order_id: str) -> list[dict[str, Any]]:
         rows = self.connection.execute(
@@ -259,6 +294,7 @@ class SqlCommerce:
                 outbox.c.attempts,
                 outbox.c.sent_at,
                 outbox.c.last_error,
+                outbox.c.next_attempt_at,
             )
             .where(outbox.c.order_id == order_id)
             .order_by(outbox.c.created_at)
@@ -507,6 +543,14 @@ def _storable(value: Any) -> Any:
 
 def _storable_sale_id(sale_id: str | None) -> str | None:
     return None if sale_id is None else _storable(sale_id)[:128]
+
+
+def _claim_holds(message_id: str, attempts: int) -> tuple[Any, ...]:
+    return (
+        outbox.c.message_id == message_id,
+        outbox.c.status == "pending",
+        outbox.c.attempts == attempts,
+    )
 
 
 def _sale_lock_key(processor: str, key: str) -> str:

@@ -86,7 +86,7 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        jobs = Worker(tally) if worker else None
+        jobs = Worker(tally, metrics=metrics) if worker else None
         if jobs is not None:
             jobs.start()
         try:

@@ -1,6 +1,6 @@
-"""Prometheus metrics: request counts and latencies per route (this process), and credits
-granted, spent and expired (the whole ledger, read from the journal, so every worker process
-answers the same)."""
+"""Prometheus metrics: request counts and latencies per route (this process), credits granted,
+spent and expired (the whole ledger, read from the journal, so every worker process answers the
+same), and the cycles of the worker's jobs run in this process (none where TALLY_WORKER=off)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -62,10 +62,38 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Credits(credit_totals))
+        self.worker_cycles = Counter(
+            "tally_worker_cycles",
+            "Runs of the worker's jobs in this process, by job and outcome (ok, failed)",
+            ("job", "outcome"),
+            registry=self.registry,
+        )
+        self.worker_last_success = Gauge(
+            "tally_worker_last_success_timestamp_seconds",
+            "When each of the worker's jobs last completed without an error (Unix time)",
+            ("job",),
+            registry=self.registry,
+        )
+        self.mail = Counter(
+            "tally_mail_messages",
+            "Outbox messages the worker handled, by outcome (sent, retried, failed)",
+            ("outcome",),
+            registry=self.registry,
+        )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+    def worker_cycle(self, job: str, *, ok: bool) -> None:
+        self.worker_cycles.labels(job, "ok" if ok else "failed").inc()
+        if ok:
+            self.worker_last_success.labels(job).set_to_current_time()
+
+    def mail_handled(self, *, sent: int, retried: int, failed: int) -> None:
+        for outcome, count in (("sent", sent), ("retried", retried), ("failed", failed)):
+            if count:
+                self.mail.labels(outcome).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
