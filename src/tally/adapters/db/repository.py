@@ -76,6 +76,7 @@ def _lot(row: Any, prefix: str = "") -> Lot:
         voided_at=decode_time(column("voided_at")),
         reason=column("reason"),
         metadata=decode_json(column("metadata")),
+        platform_id=column("platform_id"),
     )
 
 
@@ -107,6 +108,7 @@ _HOLD_COLUMNS = (
     holds.c.metadata,
     holds.c.tool,
     holds.c.quantity,
+    holds.c.platform_id,
     hold_allocations.c.lot_id,
     hold_allocations.c.amount.label("allocated"),
 )
@@ -130,6 +132,7 @@ def _holds(rows: Sequence[Any]) -> list[Hold]:
                 metadata=decode_json(row.metadata),
                 tool=row.tool,
                 quantity=row.quantity,
+                platform_id=row.platform_id,
             )
         hold.allocations.append(Allocation(row.lot_id, row.allocated))
     return list(found.values())
@@ -295,6 +298,7 @@ def _rows_of(
             "voided_at": lot.voided_at,
             "reason": lot.reason,
             "metadata": json_or_null(lot.metadata),
+            "platform_id": lot.platform_id,
         }
         for lot in account.new_lots
     ]
@@ -325,6 +329,7 @@ def _rows_of(
             "metadata": json_or_null(hold.metadata),
             "tool": hold.tool,
             "quantity": hold.quantity,
+            "platform_id": hold.platform_id,
         }
         for hold in account.new_holds
     ]
