@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from tally.adapters.db.audit import exact_sum, summed
 from tally.adapters.db.fast import (
     FastStatement,
     Json,
@@ -608,10 +609,11 @@ class SqlJournal:
         return [_entry(row) for row in rows]
 
     def totals(self) -> dict[str, int]:
+        """Credits per entry type over the whole journal, exact however large it grows."""
         rows = self.connection.execute(
-            select(entries.c.type, func.sum(entries.c.amount)).group_by(entries.c.type)
+            select(entries.c.type, *exact_sum(entries.c.amount, "amount")).group_by(entries.c.type)
         )
-        return {row[0]: int(row[1] or 0) for row in rows}
+        return {row.type: summed(row, "amount") for row in rows}
 
     def seq_of(self, account_id: str, entry_id: str) -> int | None:
         found: int | None = self.connection.execute(
