@@ -782,7 +782,12 @@ def test_idempotency_keys_are_scoped_per_platform(server: Server, api: Api, acco
             mine.json()["id"]: server.platform_ids["e2e-admin"],
             theirs.json()["id"]: server.platform_ids["e2e-other-platform"],
         }
-        assert {e["idempotency_key"] for e in entries} == {key}
+        # Each sees its own key; another platform's stays its own.
+        keys = {e["lot_id"]: e["idempotency_key"] for e in entries}
+        assert keys == {mine.json()["id"]: key, theirs.json()["id"]: None}
+        seen = ok(other.get(f"/v1/accounts/{account}/entries"))["data"]
+        keys = {e["lot_id"]: e["idempotency_key"] for e in seen}
+        assert keys == {mine.json()["id"]: None, theirs.json()["id"]: key}
     finally:
         other.close()
 

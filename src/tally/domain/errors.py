@@ -272,6 +272,14 @@ class TooManyPendingHolds(Conflict):
     title = "Too many pending holds"
 
 
+class BalanceLimitExceeded(Conflict):
+    """An account would hold more than `MAX_ACCOUNT_CREDITS` (2^53: lots' remaining plus
+    pending holds), or owe more than that; nothing changed. `balance_limit_exceeded`, 409."""
+
+    code = "balance_limit_exceeded"
+    title = "Balance limit exceeded"
+
+
 class IdempotencyKeyReused(TallyError):
     """Rule 5: the key was used before with a different request. 422."""
 

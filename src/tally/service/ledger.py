@@ -192,7 +192,7 @@ def capture_change(cmd: CaptureHold) -> Change[Hold]:
     def action(account: Account, now: datetime) -> Hold:
         wanted = amount
         if units is not None:
-            wanted = account.hold(cmd.hold_id).credits_for(units)
+            wanted = account.hold(cmd.hold_id, cmd.origin()).credits_for(units)
         return account.capture(cmd.hold_id, wanted, now, cmd.origin())
 
     return Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])

@@ -9,9 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+log = structlog.get_logger("tally.metrics")
 
 #: How long a read of the journal's totals is reused: bounds the cost of frequent scrapes.
 CREDITS_CACHE_SECONDS: Final = 15.0
@@ -27,16 +30,37 @@ CREDIT_FLOWS: Final = {
 
 
 class _Credits(Collector):
+    """The journal's totals. A failed read never fails the scrape (the request metrics
+    matter most when the database does not answer): it serves the last totals read, or
+    none yet, counts the failure, and tries again after the cache period."""
+
     def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
         self._totals = totals
         self._lock = threading.Lock()
-        self._cached: tuple[float, dict[str, int]] | None = None
+        self._read_at: float | None = None
+        self._last: dict[str, int] | None = None
+        self._failures = 0
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         with self._lock:
-            if self._cached is None or time.monotonic() - self._cached[0] > CREDITS_CACHE_SECONDS:
-                self._cached = (time.monotonic(), self._totals())
-            totals = self._cached[1]
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at > CREDITS_CACHE_SECONDS:
+                self._read_at = now
+                try:
+                    self._last = self._totals()
+                except Exception:  # any failure: the scrape goes on
+                    self._failures += 1
+                    log.warning("credit_totals_unreadable", exc_info=True)
+            totals, failures = self._last, self._failures
+        family = CounterMetricFamily(
+            "tally_credits_read_failures",
+            "Reads of the journal's totals that failed (the credits metrics keep the last read)",
+            labels=(),
+        )
+        family.add_metric((), failures)
+        yield family
+        if totals is None:
+            return
         for flow, types in CREDIT_FLOWS.items():
             family = CounterMetricFamily(
                 f"tally_credits_{flow}", f"Credits {flow}, from the journal", labels=()
