@@ -61,6 +61,12 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "tally_rate_limited",
+            "Requests refused by a rate limit, by the limit that tripped",
+            ("limit",),
+            registry=self.registry,
+        )
         self.registry.register(_Credits(credit_totals))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
