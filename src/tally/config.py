@@ -63,6 +63,13 @@ class Settings:
     #: How often the worker asks the processors for sales Tally missed, in seconds
     #: (TALLY_RECONCILE_INTERVAL_SECONDS; default hourly, 0 turns the job off).
     reconcile_interval_seconds: int = 3600
+    # --- rate limits that hold (rule 11; see service/limits.py)
+    #: Failed redemptions and code look-ups per platform per hour, all its accounts and
+    #: addresses together (TALLY_REDEEM_FAILURES_PER_PLATFORM_PER_HOUR).
+    redeem_failures_per_platform_per_hour: int = 1000
+    #: Failed redemptions on the public /redeem page per hour, all visitors together
+    #: (TALLY_REDEEM_PAGE_FAILURES_PER_HOUR).
+    redeem_page_failures_per_hour: int = 1000
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -102,6 +109,10 @@ class Settings:
             reconcile_interval_seconds=int(
                 os.environ.get("TALLY_RECONCILE_INTERVAL_SECONDS", "3600")
             ),
+            redeem_failures_per_platform_per_hour=_positive(
+                "TALLY_REDEEM_FAILURES_PER_PLATFORM_PER_HOUR", 1000
+            ),
+            redeem_page_failures_per_hour=_positive("TALLY_REDEEM_PAGE_FAILURES_PER_HOUR", 1000),
         )
 
     @property
@@ -143,3 +154,13 @@ class Settings:
             raise ConfigurationInvalid(
                 f"TALLY_ENV=production needs {'; '.join(needs)}", missing=missing
             )
+
+
+def _positive(name: str, default: int) -> int:
+    """A limit from the environment: a whole number of at least 1 (0 would refuse everyone)."""
+    text = os.environ.get(name, str(default)).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigurationInvalid(
+            f"{name} is a whole number of at least 1, got {text!r}", setting=name
+        )
+    return int(text)

@@ -17,13 +17,18 @@ from tally.adapters.db.schema import codes as codes_table
 from tally.adapters.db.schema import orders, outbox
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.adapters.mail import MailboxSender, Templates
-from tally.domain import codes
+from tally.domain import codes, values
 from tally.domain.commerce import Sale
 from tally.domain.errors import CodeInvalidOrUsed, RateLimited
-from tally.service import commerce, ledger
+from tally.service import commerce, ledger, limits
 from tally.service.ports import Email
 from tests.conftest import DATABASES
 from tests.support import CATALOG, LINKS, PEPPER, FakeClock, Outbox, database
+
+#: A platform's id, as redemptions through the API carry it (service/limits.py).
+TOOL = "plt_tool"
+#: Rule 11's allowance per account and address, without the platform's ceiling.
+UNCAPPED = limits.Allowance(per_platform=100_000)
 
 
 def _sale(clock: FakeClock, sale_id: str = "sale-1", **changes: Any) -> Sale:
@@ -140,21 +145,25 @@ def test_gifts_surprises_and_quantities(uow: SqlUnitOfWork, clock: FakeClock) ->
 
 def test_wrong_codes_are_one_answer_then_a_lockout(uow: SqlUnitOfWork, clock: FakeClock) -> None:
     guess = codes.display(codes.new_code())  # well-formed, checks, matches no order
+    address = values.client_address("203.0.113.9")
     for n in range(commerce.FAILURES_PER_WINDOW):
         with pytest.raises(CodeInvalidOrUsed):
             commerce.redeem(
                 commerce.Redeem(
                     code=guess if n % 2 else "not a code",
                     account_id="eve",
-                    client_address="203.0.113.9",
+                    client_address=address,
                     idempotency_key=f"g{n}",
+                    platform_id=TOOL,
                 ),
                 uow,
                 pepper=PEPPER,
             )
     with pytest.raises(RateLimited) as locked:
         commerce.redeem(
-            commerce.Redeem(code=guess, account_id="eve", idempotency_key="g-last"),
+            commerce.Redeem(
+                code=guess, account_id="eve", idempotency_key="g-last", platform_id=TOOL
+            ),
             uow,
             pepper=PEPPER,
         )
@@ -165,8 +174,9 @@ def test_wrong_codes_are_one_answer_then_a_lockout(uow: SqlUnitOfWork, clock: Fa
             commerce.Redeem(
                 code=guess,
                 account_id="mallory",
-                client_address="203.0.113.9",
+                client_address=address,
                 idempotency_key="m",
+                platform_id=TOOL,
             ),
             uow,
             pepper=PEPPER,
@@ -174,7 +184,9 @@ def test_wrong_codes_are_one_answer_then_a_lockout(uow: SqlUnitOfWork, clock: Fa
     clock.advance(hours=1, seconds=1)
     with pytest.raises(CodeInvalidOrUsed):
         commerce.redeem(
-            commerce.Redeem(code=guess, account_id="eve", idempotency_key="after"),
+            commerce.Redeem(
+                code=guess, account_id="eve", idempotency_key="after", platform_id=TOOL
+            ),
             uow,
             pepper=PEPPER,
         )
@@ -241,7 +253,7 @@ def test_concurrent_pings_make_one_order_and_concurrent_redemptions_one_lot(
                 commerce.Redeem(code=code, account_id=f"racer-{n}", idempotency_key=f"k{n}"),
                 SqlUnitOfWork(pooled, clock),
                 pepper=PEPPER,
-                limit=100,
+                allowance=limits.Allowance(per_subject=100),
             )
         except CodeInvalidOrUsed:
             return "refused"
@@ -265,10 +277,14 @@ def test_ten_thousand_random_codes_hit_nothing_and_guessers_are_locked_out(
         try:
             commerce.redeem(
                 commerce.Redeem(
-                    code=codes.new_code(), account_id=f"guesser-{n}", idempotency_key=f"{n}"
+                    code=codes.new_code(),
+                    account_id=f"guesser-{n}",
+                    idempotency_key=f"{n}",
+                    platform_id=TOOL,
                 ),
                 uow,
                 pepper=PEPPER,
+                allowance=UNCAPPED,
             )
         except CodeInvalidOrUsed:
             continue
@@ -280,10 +296,14 @@ def test_ten_thousand_random_codes_hit_nothing_and_guessers_are_locked_out(
         try:
             commerce.redeem(
                 commerce.Redeem(
-                    code=codes.new_code(), account_id="one-guesser", idempotency_key=f"o{n}"
+                    code=codes.new_code(),
+                    account_id="one-guesser",
+                    idempotency_key=f"o{n}",
+                    platform_id=TOOL,
                 ),
                 uow,
                 pepper=PEPPER,
+                allowance=UNCAPPED,
             )
         except (CodeInvalidOrUsed, RateLimited) as refused:
             outcomes.append(refused.code)

@@ -61,6 +61,14 @@ class InvalidAccountId(InvalidInput):
     title = "Invalid account id"
 
 
+class InvalidClientAddress(InvalidInput):
+    """A client address (`X-Client-Address`) is not one IPv4 or IPv6 address: leading zeros,
+    zone ids, ports and anything else are refused, never guessed at. 422."""
+
+    code = "invalid_client_address"
+    title = "Invalid client address"
+
+
 class InvalidDuration(InvalidInput):
     """A validity is neither an ISO 8601 duration (`P2Y`, `P30D`, `PT12H`) nor `never`."""
 
@@ -311,9 +319,13 @@ class RateLimited(TallyError):
     status = 429
     title = "Too many attempts"
 
-    def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
+    def __init__(
+        self, detail: str | None = None, *, retry_after: int, limit: str | None = None
+    ) -> None:
         super().__init__(detail, retry_after=retry_after)
         self.retry_after = retry_after
+        #: Which limit tripped, for the operator's metric and log (never shown to the caller).
+        self.limit = limit
 
 
 class MethodNotAllowed(TallyError):

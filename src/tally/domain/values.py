@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import threading
 from base64 import b32encode
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, NewType
 
 import isodate
 from email_validator import EmailNotValidError, validate_email
@@ -15,6 +16,7 @@ from email_validator import EmailNotValidError, validate_email
 from tally.domain.errors import (
     InvalidAccountId,
     InvalidAmount,
+    InvalidClientAddress,
     InvalidDuration,
     InvalidEmail,
     InvalidIdempotencyKey,
@@ -103,6 +105,40 @@ def email(raw: str, *, field: str = "email") -> str:
 
 def _not_an_address(field: str, reason: str) -> InvalidEmail:
     return InvalidEmail(f"{field} is not one email address: {reason}", field=field, reason=reason)
+
+
+#: A client's address as rate limits count it: see `client_address`.
+ClientAddress = NewType("ClientAddress", str)
+#: An IPv6 client is its /64: the smallest network a home line or a server is given, so every
+#: address in it is one client to the rate limits.
+CLIENT_IPV6_PREFIX: Final = 64
+CLIENT_ADDRESS_MAX_LENGTH: Final = 64
+
+
+def client_address(value: str) -> ClientAddress:
+    """One spelling per client: dotted-decimal IPv4 (also when it arrives inside IPv6, mapped
+    `::ffff:a.b.c.d`, 6to4 or Teredo), or an IPv6 address's /64 as `2001:db8:1:2::/64`.
+    IPv4 leading zeros (octal to some parsers), zone ids, ports, brackets and anything else
+    are refused: a limit counts what it can name exactly."""
+    text = value.strip() if isinstance(value, str) else ""
+    if not text or len(text) > CLIENT_ADDRESS_MAX_LENGTH or not text.isascii() or "%" in text:
+        raise InvalidClientAddress(
+            "a client address is one IPv4 or IPv6 address, without zone id or port"
+        )
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as error:
+        raise InvalidClientAddress(
+            "a client address is one IPv4 or IPv6 address (IPv4 without leading zeros)"
+        ) from error
+    if isinstance(address, ipaddress.IPv6Address):
+        teredo = address.teredo
+        inside = address.ipv4_mapped or address.sixtofour or (teredo[1] if teredo else None)
+        if inside is None:
+            network = ipaddress.IPv6Network((address, CLIENT_IPV6_PREFIX), strict=False)
+            return ClientAddress(str(network))
+        address = inside
+    return ClientAddress(str(address))
 
 
 class Validity:
@@ -235,8 +271,10 @@ __all__ = [
     "EMAIL_MAX_LENGTH",
     "MAX_AMOUNT",
     "NEVER",
+    "ClientAddress",
     "Validity",
     "account_id",
+    "client_address",
     "credits",
     "email",
     "format_time",

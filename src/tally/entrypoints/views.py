@@ -137,3 +137,13 @@ def package_view(package: Package) -> dict[str, Any]:
         "currency": package.currency,
         "validity": package.validity,
     }
+
+
+def wait_in_words(seconds: int) -> str:
+    """A `Retry-After` as a person reads it: "1 minute", "42 minutes", "1 hour"; rounded up,
+    so trying again then always works."""
+    minutes = max(1, -(-seconds // 60))
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    hours = -(-minutes // 60)
+    return f"{hours} hour{'s' if hours != 1 else ''}"

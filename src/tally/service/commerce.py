@@ -28,7 +28,8 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.domain.model import Lot, Origin
-from tally.service import refunds
+from tally.domain.values import ClientAddress
+from tally.service import limits, refunds
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.ports import (
     DuplicateSale,
@@ -41,8 +42,8 @@ from tally.service.ports import (
 )
 
 #: Rule 11's default: 10 failed attempts per hour, per account and per client address.
-FAILURES_PER_WINDOW: Final = 10
-FAILURE_WINDOW: Final = timedelta(hours=1)
+FAILURES_PER_WINDOW: Final = limits.FAILURES_PER_WINDOW
+FAILURE_WINDOW: Final = limits.FAILURE_WINDOW
 #: Outbox retries: backoff doubles from 30 s up to an hour; after this many tries the message
 #: is marked failed for support to resend.
 MAIL_MAX_ATTEMPTS: Final = 12
@@ -150,14 +151,28 @@ class CodeInfo:
     order: Order
 
 
-def look_up_code(text: str, uow: UnitOfWork, *, pepper: bytes) -> CodeInfo:
-    """Support's view of a code: its state, its order and who redeemed it."""
+def look_up_code(
+    text: str,
+    uow: UnitOfWork,
+    *,
+    pepper: bytes,
+    platform_id: str | None = None,
+    client_address: ClientAddress | None = None,
+    allowance: limits.Allowance = limits.Allowance(),  # noqa: B008 - frozen
+) -> CodeInfo:
+    """Support's view of a code: its state, its order and who redeemed it. A miss counts as
+    a failed redemption through the platform (service/limits.py): look-ups are no oracle."""
     normalised = codes.normalise(text)
-    with uow.read_only():
+    checked = limits.for_look_up(platform_id or LOCAL_SCOPE, client_address, allowance)
+    with uow:
+        now = uow.clock()
+        limits.enforce(uow, checked, now)
         code = None if normalised is None else uow.commerce.code(codes.digest(normalised, pepper))
         order = None if code is None else uow.commerce.order(code.order_id)
-    if code is None or order is None:
-        raise CodeNotFound("no code matches")
+        if code is None or order is None:
+            limits.record(uow, checked, now)
+            uow.commit()
+            raise CodeNotFound("no code matches")
     return CodeInfo(code, order)
 
 
@@ -220,12 +235,22 @@ _issue_code = issue_code  # the old private name, for callers written before iss
 class Redeem(Command):
     code: str
     account_id: str
-    client_address: str | None = None
+    #: Normalised (values.client_address); None when the caller does not know it.
+    client_address: ClientAddress | None = None
 
 
-def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES_PER_WINDOW) -> Lot:
+def redeem(
+    cmd: Redeem,
+    uow: UnitOfWork,
+    *,
+    pepper: bytes,
+    allowance: limits.Allowance = limits.Allowance(),  # noqa: B008 - frozen
+) -> Lot:
     """Turn a code into a lot on the account, once (rule 11). Wrong, voided and used codes get
-    one answer; failures count against the account and the client address."""
+    one answer. Failures count as service/limits.py says: through a platform per account, per
+    client address and per platform; without one (the public page) per address and for the
+    page, never against the account. The count is checked and the failure recorded in the
+    one transaction that holds the limits' locks, so parallel guesses cannot outrun it."""
     values.account_id(cmd.account_id)
     key = values.idempotency_key(cmd.idempotency_key)
     scope = cmd.platform_id or LOCAL_SCOPE
@@ -233,9 +258,7 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
     request_hash = fingerprint(
         replace(cmd, code=codes.normalise(cmd.code) or cmd.code, client_address=None)
     )
-    subjects = [f"account:{cmd.account_id}"]
-    if cmd.client_address:
-        subjects.append(f"address:{cmd.client_address}")
+    checked = limits.for_redemption(cmd.platform_id, cmd.account_id, cmd.client_address, allowance)
     refused: RateLimited | CodeInvalidOrUsed | None = None
     with uow:
         now = uow.clock()
@@ -246,7 +269,10 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
             uow.replayed = True
             replayed: Lot = adapter(Lot).validate_python(stored.response)
             return replayed
-        refused = _rate_limit(uow, subjects, now, limit)
+        try:
+            limits.enforce(uow, checked, now)
+        except RateLimited as error:
+            refused = error
         if refused is None:
             normalised = codes.normalise(cmd.code)
             code = (
@@ -261,8 +287,7 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
                 or code.status is not CodeStatus.ISSUED
                 or (order.expires_at is not None and order.expires_at <= now)
             ):
-                for subject in subjects:
-                    uow.commerce.add_failure(subject, now)
+                limits.record(uow, checked, now)
                 uow.commit()
                 refused = CodeInvalidOrUsed("this code is not valid or was used already")
             else:
@@ -280,20 +305,6 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
                 return lot
     assert refused is not None
     raise refused
-
-
-def _rate_limit(
-    uow: UnitOfWork, subjects: list[str], now: datetime, limit: int
-) -> RateLimited | None:
-    for subject in subjects:
-        count, oldest = uow.commerce.failures_since(subject, now - FAILURE_WINDOW)
-        if count >= limit:
-            assert oldest is not None
-            wait = (oldest + FAILURE_WINDOW - now).total_seconds()
-            return RateLimited(
-                "too many failed attempts: try again later", retry_after=max(1, int(wait) + 1)
-            )
-    return None
 
 
 def _credit(

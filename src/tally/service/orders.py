@@ -7,7 +7,6 @@ per hour, keyed by the hour, and never says whether the pair it was given exists
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -22,9 +21,8 @@ from tally.domain.errors import (
     OrderExpired,
     OrderNotFound,
     OrderReversed,
-    RateLimited,
 )
-from tally.service import staff
+from tally.service import limits, staff
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.commerce import Links, issue_code
 from tally.service.ledger import PAGE_MAX, Page
@@ -192,17 +190,18 @@ def request_lost_code(
     address (InvalidEmail), before anything is counted or looked up."""
     email = values.email(email)
     order_number = (order_number or "").strip()
-    subject = f"lost-code:address:{client_address or 'unknown'}"
+    asked = [
+        limits.Limit(
+            "lost_code_address",
+            f"lost-code:address:{client_address or limits.UNKNOWN_ADDRESS}",
+            limit,
+            LOST_CODE_WINDOW,
+        )
+    ]
     with uow:
         now = uow.clock()
-        count, oldest = uow.commerce.failures_since(subject, now - LOST_CODE_WINDOW)
-        if count >= limit:
-            assert oldest is not None
-            wait = (oldest + LOST_CODE_WINDOW - now).total_seconds()
-            raise RateLimited(
-                "too many requests: try again later", retry_after=max(1, math.ceil(wait))
-            )
-        uow.commerce.add_failure(subject, now)
+        limits.enforce(uow, asked, now, detail="too many requests: try again later")
+        limits.record(uow, asked, now)
         uow.commit()
     if not 0 < len(order_number) <= ORDER_NUMBER_MAX:
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -247,6 +247,15 @@ class Commerce(Protocol):
     def add_failure(self, subject: str, now: datetime) -> None: ...
 
     def failures_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]: ...
+
+    def lock_subjects(self, subjects: Sequence[str]) -> None:
+        """Until the transaction ends, no other transaction counts or adds failures of these
+        subjects (service/limits.py)."""
+
+    def failures_within(self, windows: Mapping[str, datetime]) -> dict[str, tuple[int, datetime]]:
+        """Per subject, its failures after its own time and the oldest; none: absent."""
+
+    def add_failures(self, subjects: Sequence[str], now: datetime) -> None: ...
 
     # --- lost codes and reconciliation (issue 5, engineer B)
 

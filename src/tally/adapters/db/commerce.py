@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -29,6 +30,15 @@ _ADD_ORDER_POSTGRES = FastStatement(pg_insert(orders).on_conflict_do_nothing())
 _ADD_ORDER_SQLITE = FastStatement(sqlite_insert(orders).on_conflict_do_nothing())
 _ADD_CODE = FastStatement(insert(codes))
 _ADD_MESSAGE = FastStatement(insert(outbox))
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+
+
+def _lock_key(subject: str) -> int:
+    """A subject's advisory lock: 64 bits of its hash, as PostgreSQL's signed bigint."""
+    digest = hashlib.blake2b(subject.encode(), digest_size=8, person=b"tally-limit").digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _order(row: Any) -> Order:
@@ -337,6 +347,48 @@ class SqlCommerce:
         if isinstance(oldest, str):  # SQLite answers MIN() of a datetime column as text
             oldest = decode_time(oldest)
         return int(row[0]), oldest
+
+    def lock_subjects(self, subjects: Sequence[str]) -> None:
+        """PostgreSQL: a transaction-scoped advisory lock per subject, taken in the order of
+        their keys, so two transactions naming the same subjects never deadlock. SQLite
+        needs none: its one writer (BEGIN IMMEDIATE) holds every subject already."""
+        if self.connection.dialect.name != "postgresql":
+            return
+        for key in sorted({_lock_key(subject) for subject in subjects}):
+            self.connection.execute(_ADVISORY_LOCK, {"key": key})
+
+    def failures_within(self, windows: Mapping[str, datetime]) -> dict[str, tuple[int, datetime]]:
+        """Per subject, in one query: its failures after its own `since`, and the oldest."""
+        if not windows:
+            return {}
+        failure = redemption_failures.c
+        rows = self.connection.execute(
+            select(failure.subject, func.count(), func.min(failure.at))
+            .where(
+                or_(
+                    *(
+                        and_(failure.subject == subject, failure.at > since)
+                        for subject, since in windows.items()
+                    )
+                )
+            )
+            .group_by(failure.subject)
+        )
+        found: dict[str, tuple[int, datetime]] = {}
+        for subject, count, at in rows:
+            # SQLite answers MIN() of a datetime column as text.
+            found[subject] = (int(count), decode_time(at) if isinstance(at, str) else at)
+        return found
+
+    def add_failures(self, subjects: Sequence[str], now: datetime) -> None:
+        if subjects:
+            self.connection.execute(
+                insert(redemption_failures),
+                [
+                    {"failure_id": new_id("fail", now), "subject": subject, "at": now}
+                    for subject in subjects
+                ],
+            )
 
     # --- lost codes and reconciliation (issue 5, engineer B) ---------------------------------
 

@@ -29,7 +29,7 @@ from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH
 from tally.entrypoints.http import admin, commerce, schemas, v1
 from tally.entrypoints.http import orders as orders_http
 from tally.entrypoints.http import refunds as refunds_http
-from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, problem_body
+from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, note_rate_limited, problem_body
 from tally.entrypoints.http.metrics import CONTENT_TYPE, Metrics
 from tally.entrypoints.worker import Worker
 from tally.service import ledger
@@ -47,6 +47,7 @@ def _problem(
         extra["WWW-Authenticate"] = "Bearer"
     if isinstance(error, RateLimited):
         extra["Retry-After"] = str(error.retry_after)
+        note_rate_limited(request.scope, error)
     return Response(
         problem_body(error, request.scope.get("state", {}).get("request_id")),
         error.status,

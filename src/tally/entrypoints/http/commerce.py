@@ -31,17 +31,19 @@ from tally.domain.errors import (
 )
 from tally.domain.keys import Principal
 from tally.entrypoints.http import schemas
+from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import (
     ERRORS,
     Caller,
+    ClientAddress,
     IdempotencyKey,
     json_response,
     require_key,
     tally_dependency,
     tally_of,
 )
-from tally.entrypoints.views import lot_view
-from tally.service import commerce, ledger, refunds
+from tally.entrypoints.views import lot_view, wait_in_words
+from tally.service import commerce, ledger, limits, refunds
 from tally.service.ports import ProcessorEvent
 
 SANDBOX_TIMEOUT_SECONDS: Final = 10.0
@@ -302,22 +304,22 @@ class RedemptionIn(BaseModel):
     account_id: Annotated[str, Field(min_length=1, max_length=128)]
 
 
+_LIMITED: Final = {**ERRORS, 429: ERRORS[409] | {"description": "Too many failed attempts"}}
+
+
 @router.post(
     "/v1/redemptions",
     status_code=201,
     response_model=schemas.LotOut,
-    responses={**ERRORS, 429: ERRORS[409] | {"description": "Too many failed attempts"}},
+    responses=_LIMITED,
     tags=["codes"],
 )
 def redeem(
     tally: App,
     body: RedemptionIn,
     who: Spend,
+    client_address: ClientAddress,
     idempotency_key: IdempotencyKey = None,
-    client_address: Annotated[
-        str | None,
-        Header(alias="X-Client-Address", max_length=64, description="the person's IP address"),
-    ] = None,
 ) -> Response:
     key = require_key(idempotency_key)
     unit = tally.uow()
@@ -331,14 +333,36 @@ def redeem(
         ),
         unit,
         pepper=tally.pepper,
-        limit=tally.settings.redeem_failures_per_hour,
+        allowance=_allowance(tally),
     )
     return json_response(lot_view(lot, tally.clock()), 201, replayed=unit.replayed)
 
 
-@router.get("/v1/codes/{code}", tags=["codes"], responses=ERRORS)
-def code_info(tally: App, code: Annotated[str, Path(max_length=64)], _: Support) -> Response:
-    found = commerce.look_up_code(code, tally.uow(), pepper=tally.pepper)
+def _allowance(tally: Tally) -> limits.Allowance:
+    settings = tally.settings
+    return limits.Allowance(
+        per_subject=settings.redeem_failures_per_hour,
+        per_platform=settings.redeem_failures_per_platform_per_hour,
+        page=settings.redeem_page_failures_per_hour,
+    )
+
+
+@router.get("/v1/codes/{code}", tags=["codes"], responses=_LIMITED)
+def code_info(
+    tally: App,
+    code: Annotated[str, Path(max_length=64)],
+    who: Support,
+    client_address: ClientAddress,
+) -> Response:
+    """A miss counts as a failed redemption through this platform (429 past its limits)."""
+    found = commerce.look_up_code(
+        code,
+        tally.uow(),
+        pepper=tally.pepper,
+        platform_id=who.platform_id,
+        client_address=client_address,
+        allowance=_allowance(tally),
+    )
     c, order = found.code, found.order
     return json_response(
         {
@@ -384,28 +408,33 @@ def redeem_form(
     # Exactly as typed, case and all: account ids are the platforms' own user ids, not emails,
     # and `User_A` and `user_a` are two people. Only surrounding spaces (never valid) go.
     account_id = account.strip()
-    address = request.client.host if request.client else None
     try:
         lot = commerce.redeem(
             commerce.Redeem(
                 code=code,
                 account_id=account_id,
-                client_address=address,
+                client_address=peer_address(request.scope),
                 idempotency_key=f"page-{secrets.token_hex(12)}",
             ),
             tally.uow(),
             pepper=tally.pepper,
-            limit=tally.settings.redeem_failures_per_hour,
+            allowance=_allowance(tally),
         )
     except (CodeInvalidOrUsed, RateLimited, InvalidInput) as error:
-        status = error.status
-        return _page(
+        limited = error if isinstance(error, RateLimited) else None
+        page = _page(
             "redeem.html.j2",
-            status,
+            error.status,
             title="Redeem a code",
-            error=error.detail,
+            error=None if limited else error.detail,
+            retry_in=wait_in_words(limited.retry_after) if limited else None,
+            limit=limited.limit if limited else None,
             account_id=account_id,
         )
+        if limited:
+            page.headers["Retry-After"] = str(limited.retry_after)
+            note_rate_limited(request.scope, limited)
+        return page
     available = ledger.get_balance(account_id, tally.uow()).available
     shown = {"amount": lot.amount, "expires_at": values.format_time(lot.expires_at)}
     return _page(

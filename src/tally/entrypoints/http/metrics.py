@@ -85,6 +85,12 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "tally_rate_limited",
+            "Requests refused by a rate limit, by the limit that tripped",
+            ("limit",),
+            registry=self.registry,
+        )
         self.registry.register(_Credits(credit_totals))
         self.worker_cycles = Counter(
             "tally_worker_cycles",

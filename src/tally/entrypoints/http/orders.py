@@ -15,6 +15,7 @@ from tally.domain.commerce import Order
 from tally.domain.errors import InvalidEmail, RateLimited
 from tally.domain.keys import Principal
 from tally.entrypoints.http.commerce import _page, email_field_error
+from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import (
     DEFAULT_PAGE,
     ERRORS,
@@ -26,6 +27,7 @@ from tally.entrypoints.http.v1 import (
     require_key,
     tally_dependency,
 )
+from tally.entrypoints.views import wait_in_words
 from tally.service import orders
 from tally.service.orders import OrderSummary
 
@@ -174,7 +176,7 @@ def lost_code_form(
     order_number: Annotated[str, Form(max_length=orders.ORDER_NUMBER_MAX)],
     email: Annotated[str, Form(max_length=orders.EMAIL_MAX)] = "",  # blank: a field error
 ) -> HTMLResponse:
-    address = request.client.host if request.client else None
+    address = peer_address(request.scope)
     try:
         orders.request_lost_code(
             values.email(email),
@@ -197,7 +199,14 @@ def lost_code_form(
             order_number=order_number,
         )
     except RateLimited as error:
-        page = _page("lost_code.html.j2", error.status, title=LOST_CODE_TITLE, error=error.detail)
+        page = _page(
+            "lost_code.html.j2",
+            error.status,
+            title=LOST_CODE_TITLE,
+            error="Too many requests came from your network in the last hour. "
+            f"Please try again in {wait_in_words(error.retry_after)}.",
+        )
         page.headers["Retry-After"] = str(error.retry_after)
+        note_rate_limited(request.scope, error)
         return page
     return _page("lost_code.html.j2", title=LOST_CODE_TITLE, sent=LOST_CODE_SENT)

@@ -64,6 +64,25 @@ async def tally_dependency(request: Request) -> Tally:
 App = Annotated[Tally, Depends(tally_dependency)]
 
 
+def client_address_header(
+    x_client_address: Annotated[
+        str | None,
+        Header(
+            alias="X-Client-Address",
+            max_length=values.CLIENT_ADDRESS_MAX_LENGTH,
+            description="the person's IP address, as the platform saw it; the rate limits "
+            "count per address (an IPv6 /64 is one), so send it whenever a person is behind "
+            "the request",
+        ),
+    ] = None,
+) -> values.ClientAddress | None:
+    """`X-Client-Address`, normalised; a malformed one is `422 invalid_client_address`."""
+    return None if x_client_address is None else values.client_address(x_client_address)
+
+
+ClientAddress = Annotated[values.ClientAddress | None, Depends(client_address_header)]
+
+
 class Caller:
     """A dependency: the platform behind the request's key, which must hold `scope`. Every
     request reads its key, so a revoked key stops working at once."""
