@@ -600,7 +600,7 @@ def test_stripe_charge_refunded_and_disputes(shop: Server, support: Api) -> None
     no_intent["data"]["object"]["payment_intent"] = None
     assert ok(_stripe(shop, no_intent))["ignored"] == "no payment intent"
     negative = _charge(intent, -5)
-    problem(_stripe(shop, negative), 422, "invalid_input")
+    problem(_stripe(shop, negative), 400, "event_malformed")
 
 
 # --- the adapters against the processors' documented answers ------------------------------------

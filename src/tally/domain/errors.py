@@ -114,6 +114,16 @@ class SignatureInvalid(InvalidInput):
     title = "Signature invalid"
 
 
+class EventMalformed(InvalidInput):
+    """A processor's event is correctly signed but not in the processor's documented shape (a
+    field missing or of the wrong type, a time in milliseconds): kept for support, never
+    guessed at. `event_malformed`, 400."""
+
+    code = "event_malformed"
+    status = 400
+    title = "Event malformed"
+
+
 class UnknownTool(InvalidInput):
     """The tool is not in the catalog, so its price is unknown. `unknown_tool`, 422."""
 

@@ -23,6 +23,7 @@ from tally.domain.commerce import Sale
 from tally.domain.errors import (
     CodeInvalidOrUsed,
     DatabaseUnavailable,
+    EventMalformed,
     InvalidEmail,
     InvalidInput,
     NotFound,
@@ -207,7 +208,7 @@ def _stripe_reversal(tally: Tally, event: dict[str, Any]) -> Response:
 
 def _amount(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput("amounts are whole, non-negative numbers of minor units")
+        raise EventMalformed("amounts are whole, non-negative numbers of minor units")
     return value
 
 
@@ -257,9 +258,25 @@ async def stripe_webhook(
     stripe_signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None,
 ) -> Response:
     tally = tally_of(request)
-    event = payments.stripe_event(
-        await request.body(), stripe_signature, tally.settings.stripe_webhook_secret
-    )
+    payload = await request.body()
+    secret = tally.settings.stripe_webhook_secret
+    try:
+        return await _stripe_dispatch(
+            tally, payments.stripe_event(payload, stripe_signature, secret)
+        )
+    except EventMalformed as error:
+        # Signed by Stripe yet unreadable: kept for support, and a 400, never a 5xx that
+        # Stripe would retry for days.
+        await run_in_threadpool(_keep_malformed, tally, payload, error)
+        raise
+
+
+def _keep_malformed(tally: Tally, payload: bytes, error: EventMalformed) -> None:
+    event_id, kept = payments.stripe_kept(payload)
+    commerce.record_unmatched("stripe", event_id, f"malformed: {error.detail}", kept, tally.uow())
+
+
+async def _stripe_dispatch(tally: Tally, event: dict[str, Any]) -> Response:
     kind = event["type"]
     if kind in ("charge.refunded", "charge.dispute.created", "charge.dispute.closed"):
         return await run_in_threadpool(_stripe_reversal, tally, event)  # issue 5
