@@ -256,7 +256,9 @@ class _Watched(SqlUnitOfWork):
         entered = super().__enter__()
         if self.database.dialect == "postgresql":
             assert self._connection is not None
-            self.pids.append(self._connection.connection.driver_connection.info.backend_pid)
+            driver = self._connection.connection.driver_connection
+            assert driver is not None
+            self.pids.append(driver.info.backend_pid)
         return entered
 
 
