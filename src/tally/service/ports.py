@@ -77,11 +77,11 @@ class Accounts(Protocol):
         self,
         account_ids: Sequence[str],
         *,
-        create_at: datetime | None = None,
         lot_ids: Sequence[str] = (),
         hold_ids: Sequence[str] = (),
     ) -> dict[str, Account]:
-        """Lock and load several accounts in sorted order (absent ones are left out)."""
+        """Lock and load several accounts in sorted order (absent ones are left out, never
+        created)."""
 
     def get(self, account_id: str) -> Account | None:
         """The same, without a lock, for reads."""

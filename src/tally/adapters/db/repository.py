@@ -426,7 +426,6 @@ class SqlAccounts:
         self,
         account_ids: Sequence[str],
         *,
-        create_at: datetime | None = None,
         lot_ids: Sequence[str] = (),
         hold_ids: Sequence[str] = (),
     ) -> dict[str, Account]:
@@ -447,11 +446,9 @@ class SqlAccounts:
                 loaded[account_id] = self._complete(
                     found, is_new=False, lot_ids=lot_ids, hold_ids=hold_ids
                 )
-        for account_id in ordered:  # SQLite, and accounts that must be created first
+        for account_id in ordered:  # SQLite, and a single account
             if account_id not in loaded:
-                account = self.get_for_update(
-                    account_id, create_at=create_at, lot_ids=lot_ids, hold_ids=hold_ids
-                )
+                account = self.get_for_update(account_id, lot_ids=lot_ids, hold_ids=hold_ids)
                 if account is not None:
                     loaded[account_id] = account
         return loaded
