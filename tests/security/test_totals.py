@@ -141,7 +141,11 @@ def fill(tally: Tally, account_ids: list[str], change: Callable[[Account, dateti
     uow = tally.uow()
     with uow:
         now = uow.clock()
-        found = uow.accounts.get_many_for_update(account_ids, create_at=now)
+        found: dict[str, Account] = {}
+        for account_id in account_ids:
+            account = uow.accounts.get_for_update(account_id, create_at=now)
+            assert account is not None
+            found[account_id] = account
         for account_id in account_ids:
             change(found[account_id], now)
         uow.accounts.save_many(list(found.values()))
