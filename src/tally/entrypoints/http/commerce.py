@@ -305,7 +305,11 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
     quantity = next((q for price, q in items if price == package.stripe_price_id), 1)
     try:
         sale = payments.stripe_sale(session, package, quantity, now=tally.clock())
+    except EventMalformed:
+        raise  # not Stripe's shape: a 400, kept by the webhook
     except InvalidInput as error:
+        # Stripe's shape with data Tally cannot sell to (an unusable address): kept, and a
+        # 200 so Stripe stops retrying what will never change.
         return _unusable(tally, "stripe", str(session.get("id")), dict(session), error)
     done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
