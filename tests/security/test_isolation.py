@@ -140,6 +140,45 @@ def test_a_batch_refuses_another_platforms_hold_and_commits_the_rest(
     assert ledger.check(uow).violations == []
 
 
+def test_a_batch_records_the_platform_of_each_lot_and_hold(db: Database, clock: FakeClock) -> None:
+    """Several lots and holds written in one statement (PostgreSQL's many-row insert) each
+    keep their own platform."""
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="eve", amount=40, idempotency_key="g"), uow)
+
+    def place(platform: str) -> Any:
+        cmd = ledger.PlaceHold(
+            account_id="eve", amount=5, idempotency_key="h", platform_id=platform
+        )
+        return lambda: ledger.place_hold(cmd, uow)
+
+    def give(platform: str) -> Any:
+        cmd = ledger.GrantCredits(
+            account_id="eve", amount=1, idempotency_key="g", platform_id=platform
+        )
+        return lambda: ledger.grant(cmd, uow)
+
+    results = one_batch(group, [place("plt_a"), place("plt_b"), give("plt_a"), give("plt_b")])
+    committed_together(group)
+    page, _ = ledger.list_lots("eve", uow)
+    assert sorted((lot.amount, lot.platform_id) for lot in page.items) == [
+        (1, "plt_a"),
+        (1, "plt_b"),
+        (40, None),
+    ]
+    for hold, owner, stranger in ((results[0], "plt_a", "plt_b"), (results[1], "plt_b", "plt_a")):
+        with pytest.raises(HoldNotFound):
+            ledger.release(
+                ledger.ReleaseHold(hold_id=hold.id, idempotency_key=hold.id, platform_id=stranger),
+                uow,
+            )
+        released = ledger.release(
+            ledger.ReleaseHold(hold_id=hold.id, idempotency_key=hold.id, platform_id=owner), uow
+        )
+        assert (released.status.value, released.platform_id) == ("released", owner)
+    assert ledger.get_balance("eve", uow).available == 42
+
+
 def test_a_listing_hides_another_platforms_keys_and_metadata(shop: Shop, clock: FakeClock) -> None:
     other = shop.platform_key("other", "admin")
     secret = {"prompt": "a private prompt", "job": "job-7"}
