@@ -84,7 +84,7 @@ class Settings:
             raise ConfigurationInvalid(f"TALLY_PAYMENTS is one of {', '.join(PAYMENTS)}")
         return cls(
             database_url=os.environ.get("TALLY_DATABASE_URL") or DEFAULT_DATABASE_URL,
-            pool_size=int(os.environ.get("TALLY_DB_POOL_SIZE", "10")),
+            pool_size=_number("TALLY_DB_POOL_SIZE", 10),
             config_path=Path(config) if config else None,
             worker=worker,
             env=env,
@@ -104,15 +104,13 @@ class Settings:
             stripe_webhook_secret=os.environ.get("TALLY_STRIPE_WEBHOOK_SECRET", ""),
             stripe_api_key=os.environ.get("TALLY_STRIPE_API_KEY") or None,
             stripe_api_base=os.environ.get("TALLY_STRIPE_API_BASE") or None,
-            redeem_failures_per_hour=int(os.environ.get("TALLY_REDEEM_FAILURES_PER_HOUR", "10")),
-            lost_code_requests_per_hour=int(os.environ.get("TALLY_LOST_CODE_PER_HOUR", "5")),
-            reconcile_interval_seconds=int(
-                os.environ.get("TALLY_RECONCILE_INTERVAL_SECONDS", "3600")
-            ),
-            redeem_failures_per_platform_per_hour=_positive(
+            redeem_failures_per_hour=_number("TALLY_REDEEM_FAILURES_PER_HOUR", 10),
+            lost_code_requests_per_hour=_number("TALLY_LOST_CODE_PER_HOUR", 5),
+            reconcile_interval_seconds=_number("TALLY_RECONCILE_INTERVAL_SECONDS", 3600, minimum=0),
+            redeem_failures_per_platform_per_hour=_number(
                 "TALLY_REDEEM_FAILURES_PER_PLATFORM_PER_HOUR", 1000
             ),
-            redeem_page_failures_per_hour=_positive("TALLY_REDEEM_PAGE_FAILURES_PER_HOUR", 1000),
+            redeem_page_failures_per_hour=_number("TALLY_REDEEM_PAGE_FAILURES_PER_HOUR", 1000),
         )
 
     @property
@@ -150,17 +148,22 @@ class Settings:
             missing.extend(absent)
             if absent:
                 needs.append(f"{' and '.join(absent)} for TALLY_PAYMENTS={self.payments}")
+        if not self.smtp_url:
+            # Without it codes land in files on the server's disk and no buyer gets one.
+            missing.append("TALLY_SMTP_URL")
+            needs.append("TALLY_SMTP_URL (codes reach buyers by email)")
         if missing:
             raise ConfigurationInvalid(
                 f"TALLY_ENV=production needs {'; '.join(needs)}", missing=missing
             )
 
 
-def _positive(name: str, default: int) -> int:
-    """A limit from the environment: a whole number of at least 1 (0 would refuse everyone)."""
+def _number(name: str, default: int, *, minimum: int = 1) -> int:
+    """A whole number from the environment, at least `minimum` (a limit of 0 would refuse
+    everyone): anything else stops start-up with the setting's name, never a traceback."""
     text = os.environ.get(name, str(default)).strip()
-    if not text.isdigit() or int(text) < 1:
+    if not text.isascii() or not text.isdigit() or int(text) < minimum:
         raise ConfigurationInvalid(
-            f"{name} is a whole number of at least 1, got {text!r}", setting=name
+            f"{name} is a whole number of at least {minimum}, got {text[:40]!r}", setting=name
         )
     return int(text)

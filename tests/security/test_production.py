@@ -43,7 +43,11 @@ STRIPE: dict[str, Any] = {
     "stripe_webhook_secret": "whsec_x",
     "stripe_api_key": "sk_x",
 }
-SAFE: dict[str, Any] = {"env": "production", "secret_key": "production secret"}
+SAFE: dict[str, Any] = {
+    "env": "production",
+    "secret_key": "production secret",
+    "smtp_url": "smtp://mail.example:587",
+}
 
 
 # --- start-up ---------------------------------------------------------------------------------
@@ -52,10 +56,11 @@ SAFE: dict[str, Any] = {"env": "production", "secret_key": "production secret"}
 @pytest.mark.parametrize(
     ("settings", "missing"),
     [
-        ({"env": "production"}, ["TALLY_SECRET_KEY", "TALLY_PAYMENTS"]),
+        ({"env": "production"}, ["TALLY_SECRET_KEY", "TALLY_PAYMENTS", "TALLY_SMTP_URL"]),
+        ({**SAFE, **GUMROAD, "smtp_url": None}, ["TALLY_SMTP_URL"]),
         ({**SAFE}, ["TALLY_PAYMENTS"]),
         ({**SAFE, "payments": "sandbox"}, ["TALLY_PAYMENTS"]),
-        ({**GUMROAD, "env": "production"}, ["TALLY_SECRET_KEY"]),
+        ({**GUMROAD, "env": "production"}, ["TALLY_SECRET_KEY", "TALLY_SMTP_URL"]),
         ({**SAFE, **GUMROAD, "gumroad_webhook_token": ""}, ["TALLY_GUMROAD_WEBHOOK_TOKEN"]),
         ({**SAFE, **GUMROAD, "gumroad_seller_id": ""}, ["TALLY_GUMROAD_SELLER_ID"]),
         (
@@ -85,7 +90,8 @@ def test_the_refusal_says_exactly_what_is_missing() -> None:
         Settings(env="production").check()
     assert refused.value.detail == (
         "TALLY_ENV=production needs TALLY_SECRET_KEY; "
-        "TALLY_PAYMENTS set to gumroad or stripe (the sandbox is for development)"
+        "TALLY_PAYMENTS set to gumroad or stripe (the sandbox is for development); "
+        "TALLY_SMTP_URL (codes reach buyers by email)"
     )
     with pytest.raises(ConfigurationInvalid) as refused:
         Settings(**SAFE, payments="stripe", stripe_api_key="sk_x").check()
@@ -341,3 +347,18 @@ def test_development_keeps_refunding_the_sandboxs_orders_after_a_switch() -> Non
     gateway = ProcessorRefunds(Settings(payments="gumroad"))
     request = RefundRequest("sandbox", "sandbox-9", None, 0, "USD", "tally-refund-9")
     assert gateway.refund(request) == "sandbox:sandbox-9"
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "0", "1e3", "\u0661\u0660", " "])
+def test_a_limit_that_is_not_a_whole_number_stops_start_up(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TALLY_REDEEM_FAILURES_PER_HOUR", value)
+    with pytest.raises(ConfigurationInvalid, match="TALLY_REDEEM_FAILURES_PER_HOUR") as refused:
+        Settings.from_env()
+    assert refused.value.extra["setting"] == "TALLY_REDEEM_FAILURES_PER_HOUR"
+
+
+def test_reconciliation_may_be_turned_off_with_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TALLY_RECONCILE_INTERVAL_SECONDS", "0")
+    assert Settings.from_env().reconcile_interval_seconds == 0
