@@ -17,7 +17,7 @@ from tally.bootstrap import Tally
 from tally.domain.errors import BalanceLimitExceeded, DatabaseUnavailable
 from tally.domain.model import MAX_ACCOUNT_CREDITS, Account, Origin
 from tally.entrypoints.http import metrics
-from tally.service import ledger
+from tally.service import ledger, staff
 from tests.integration.test_group_commit import committed_together, grouped, one_batch
 from tests.security.conftest import MakeShop, Shop
 from tests.support import FakeClock
@@ -192,6 +192,9 @@ def test_totals_of_many_accounts_at_the_bound_stay_exact(shop: Shop) -> None:
     assert samples["tally_credits_granted_total"] == float(granted)
     assert samples["tally_credits_spent_total"] == float(spent)
     assert samples["tally_credits_read_failures_total"] == 0
+    # The support console's chart sums the same day exactly.
+    today = staff.credit_chart(shop.tally.uow(), days=1)[0]
+    assert (today.sold, today.spent, today.expired) == (granted, spent, 0)
 
 
 def test_a_lot_held_and_released_past_2_63_audits_exactly(shop: Shop) -> None:
