@@ -306,10 +306,8 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
     try:
         sale = payments.stripe_sale(session, package, quantity, now=tally.clock())
     except EventMalformed:
-        raise  # not Stripe's shape: a 400, kept by the webhook
-    except InvalidInput as error:
-        # Stripe's shape with data Tally cannot sell to (an unusable address): kept, and a
-        # 200 so Stripe stops retrying what will never change.
+        raise  # not in Stripe's shape: the webhook's 400, kept for support there
+    except InvalidInput as error:  # in shape, but nothing Tally can fulfil
         return _unusable(tally, "stripe", str(session.get("id")), dict(session), error)
     done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
