@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy
+from prometheus_client.parser import text_string_to_metric_families
 
 from tally.adapters.db.engine import normalise_url
 from tests.support import free_port, postgres_schema
@@ -184,6 +185,36 @@ class Server:
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+    # --- the worker's signals (TALLY_WORKER=inline, one process) ---------------------------
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample from /metrics (0 when the series does not exist yet)."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+    def worker_runs(self, job: str) -> int:
+        """Completed runs of the in-process worker's `job` (succeeded or failed)."""
+        return int(
+            sum(
+                self.metric("tally_worker_cycles_total", job=job, outcome=outcome)
+                for outcome in ("ok", "failed")
+            )
+        )
+
+    def wait_for_worker(self, job: str = "mail", timeout: float = 30) -> None:
+        """Until a run of `job` that started after this call has completed: whatever was due
+        before the call has been handled (for mail: sent, or its failure recorded), so a test
+        can check that nothing more was sent without sleeping on the worker's period."""
+        wanted = self.worker_runs(job) + 2  # the run under way may have started before
+        deadline = time.monotonic() + timeout
+        while self.worker_runs(job) < wanted:
+            assert time.monotonic() < deadline, f"the worker's {job} job did not run"
+            time.sleep(0.05)
 
 
 @contextmanager
