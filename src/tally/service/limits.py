@@ -63,7 +63,7 @@ class Limit:
 
     def __post_init__(self) -> None:
         assert len(self.subject) <= SUBJECT_MAX_LENGTH, "a subject fits its column"
-        assert self.allowed >= 1, "0 would refuse everyone"
+        assert self.allowed >= 0  # 0: closed, every attempt refused
         assert self.window > timedelta(0)
 
 
