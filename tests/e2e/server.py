@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy
 
+from tally.adapters.db.engine import normalise_url
 from tests.support import free_port, postgres_schema
 
 TALLY = str(Path(sys.executable).parent / "tally")
@@ -164,6 +166,21 @@ class Server:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        """The rows a query finds in the server's own database, read beside it (for what the
+        API does not show, such as a forged ping that must have left no row)."""
+        engine = sqlalchemy.create_engine(normalise_url(self.url))
+        try:
+            with engine.connect() as connection:
+                return list(connection.execute(sqlalchemy.text(sql), params))
+        finally:
+            engine.dispose()
+
+    def count(self, sql: str, **params: Any) -> int:
+        """`SELECT count(*) ...`'s answer."""
+        [(found,)] = self.rows(sql, **params)
+        return int(found)
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

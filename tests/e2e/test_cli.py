@@ -63,7 +63,7 @@ def ana(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_operator_session(cli: Cli) -> None:
-    assert "revision 0006" in cli.run("migrate").stdout
+    assert "revision 0007" in cli.run("migrate").stdout
     lot = cli.json("grant", "ana", "25", "--source", "purchase", "--reason", "Pro package")
     assert lot["amount"] == 25
     assert lot["source"] == "purchase"

@@ -120,19 +120,48 @@ def test_a_gumroad_sale_is_mailed_once_and_its_code_redeems(
     )
 
 
+_TABLES = ("orders", "codes", "outbox", "processor_events", "unmatched_pings")
+
+
+def _totals(shop: Server) -> dict[str, int]:
+    """How many rows each commerce table holds (the worker only updates the outbox's)."""
+    return {table: shop.count(f"SELECT count(*) FROM {table}") for table in _TABLES}
+
+
+def _orders_of(shop: Server, sale_prefix: str) -> int:
+    return shop.count(
+        "SELECT count(*) FROM orders WHERE sale_id LIKE :sale", sale=f"{sale_prefix}%"
+    )
+
+
 def test_forged_pings_change_nothing(shop: Server) -> None:
     sale = f"f{secrets.token_hex(4)}"
-    wrong_token = httpx.post(f"{shop.base_url}/webhooks/gumroad/guess", data=_ping(sale))
-    wrong_seller = httpx.post(
-        f"{shop.base_url}/webhooks/gumroad/{TOKEN}", data=_ping(sale, seller_id="other")
+    before = _totals(shop)
+    url = f"{shop.base_url}/webhooks/gumroad/{TOKEN}"
+    wrong_token = httpx.post(f"{shop.base_url}/webhooks/gumroad/guess", data=_ping(f"{sale}t"))
+    wrong_seller = httpx.post(url, data=_ping(f"{sale}s", seller_id="other"))
+    no_seller = httpx.post(
+        url, data={k: v for k, v in _ping(f"{sale}n").items() if k != "seller_id"}
     )
-    assert (wrong_token.status_code, wrong_seller.status_code) == (404, 404)
+    assert [r.status_code for r in (wrong_token, wrong_seller, no_seller)] == [404, 404, 404]
+    # Nothing at all was written: no order, code, email, event or unmatched ping.
+    assert _totals(shop) == before
+    assert _orders_of(shop, sale) == 0
+    assert shop.count("SELECT count(*) FROM outbox WHERE to_email LIKE :e", e=f"{sale}%") == 0
+
     unknown = httpx.post(
-        f"{shop.base_url}/webhooks/gumroad/{TOKEN}",
-        data=_ping(sale, product_permalink="https://x.gumroad.com/l/mystery", product_id="?"),
+        url,
+        data=_ping(f"{sale}u", product_permalink="https://x.gumroad.com/l/mystery", product_id="?"),
     )
     assert unknown.status_code == 200
     assert unknown.json()["ignored"] == "unknown product"
+    # Kept for support, and nothing else.
+    assert _totals(shop) == {**before, "unmatched_pings": before["unmatched_pings"] + 1}
+    [kept] = shop.rows(
+        "SELECT sale_id, processor FROM unmatched_pings WHERE sale_id LIKE :s", s=f"{sale}%"
+    )
+    assert tuple(kept) == (f"{sale}u", "gumroad")
+
     key = shop.key(f"support-{sale}", "support")
     missing = httpx.get(
         f"{shop.base_url}/v1/codes/{codes.display(codes.new_code())}",
@@ -181,6 +210,8 @@ def test_stripe_events_are_verified_and_fulfil_once(shop: Server, inbox: tuple[I
     stale = httpx.post(url, **_stripe(event, age=301))
     unsigned = httpx.post(url, content=json.dumps(event))
     assert [r.status_code for r in (forged, stale, unsigned)] == [400, 400, 400]
+    assert _orders_of(shop, session) == 0  # refused before anything was written
+    assert shop.count("SELECT count(*) FROM outbox WHERE to_email LIKE :e", e=f"%{session}%") == 0
     first = httpx.post(url, **_stripe(event))
     second = httpx.post(url, **_stripe(event))
     assert (first.status_code, second.status_code) == (200, 200)

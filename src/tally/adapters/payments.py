@@ -14,10 +14,13 @@ import stripe
 
 from tally.domain.catalog import Catalog, Package
 from tally.domain.commerce import Sale
-from tally.domain.errors import SignatureInvalid
+from tally.domain.errors import EventMalformed, InvalidTime, SignatureInvalid
+from tally.domain.values import in_time_range, time_from_epoch
 
 HTTP_TIMEOUT_SECONDS: Final = 10.0
 STRIPE_TOLERANCE_SECONDS: Final = 300
+#: The longest event id kept with a malformed event (the column holding sale ids).
+STRIPE_ID_MAX_LENGTH: Final = 128
 
 
 class ProcessorUnavailable(Exception):
@@ -33,9 +36,10 @@ def _time(value: object, default: datetime) -> datetime:
         return default
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        aware = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return in_time_range(aware)
+    except (ValueError, OverflowError, InvalidTime):  # year 1 or 9999 overflow in UTC
         return default
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _int(value: object, default: int) -> int:
@@ -135,20 +139,60 @@ class GumroadApi:
 
 
 def stripe_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
-    """The verified event as plain JSON, or SignatureInvalid for a wrong, stale or missing
-    signature. The official library checks the signature and its age."""
+    """The verified event as plain JSON. SignatureInvalid for a wrong, stale or missing
+    signature (the official library checks it and its age); EventMalformed for a signed event
+    that is not one in Stripe's documented shape: an object with string `id` and `type`,
+    `created` (if given) in seconds, and `data.object` an object with a string `id`."""
     if not secret:
         raise SignatureInvalid("Stripe webhooks are not configured")
     try:
-        stripe.Webhook.construct_event(
-            payload, signature or "", secret, tolerance=STRIPE_TOLERANCE_SECONDS
+        stripe.WebhookSignature.verify_header(
+            payload, signature, secret, tolerance=STRIPE_TOLERANCE_SECONDS
         )
     except (ValueError, stripe.SignatureVerificationError) as error:
         raise SignatureInvalid("the Stripe-Signature does not verify") from error
-    event = json.loads(payload)  # verified above; plain JSON reads like the documented format
-    if not isinstance(event, dict) or not isinstance(event.get("data"), dict):
-        raise SignatureInvalid("the event is not a Stripe event")
+    try:
+        event = json.loads(payload)  # plain JSON reads like the documented format
+    except ValueError as error:
+        raise EventMalformed("the event is not JSON") from error
+    if not isinstance(event, dict):
+        raise EventMalformed("the event is not a JSON object")
+    for name in ("id", "type"):
+        if not isinstance(event.get(name), str) or not event[name]:
+            raise EventMalformed(f"the event has no {name}")
+    if "created" in event:
+        _stripe_time(event["created"], "the event's created")
+    data = event.get("data")
+    found = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(found, dict):
+        raise EventMalformed("the event's data.object is not an object")
+    if not isinstance(found.get("id"), str):
+        raise EventMalformed("the event's data.object has no id")
     return event
+
+
+def stripe_kept(payload: bytes) -> tuple[str | None, object]:
+    """What support keeps of a signed but malformed event: its id (if it names one) and
+    its body, as JSON when it is JSON."""
+    try:
+        body: object = json.loads(payload)
+    except ValueError:
+        return None, {"body": payload.decode("utf-8", "replace")}
+    named = body.get("id") if isinstance(body, dict) else None
+    return (named[:STRIPE_ID_MAX_LENGTH] if isinstance(named, str) else None), body
+
+
+def _stripe_time(value: object, what: str) -> datetime:
+    try:
+        return time_from_epoch(value, field=what)
+    except InvalidTime as error:
+        raise EventMalformed(error.detail) from error
+
+
+def _stripe_count(value: object, what: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EventMalformed(f"{what} must be a whole number of at least {minimum}")
+    return value
 
 
 def stripe_package(
@@ -174,14 +218,15 @@ def stripe_sale(
     metadata = session.get("metadata") or {}
     gift = metadata.get("gift_email") if isinstance(metadata, Mapping) else None
     created = session.get("created")
+    amount = session.get("amount_total")
     return Sale(
         processor="stripe",
         sale_id=str(session.get("id") or ""),
         package=package,
         email=str(gift or buyer or ""),
-        purchased_at=datetime.fromtimestamp(created, UTC) if isinstance(created, int) else now,
+        purchased_at=now if created is None else _stripe_time(created, "the session's created"),
         quantity=max(1, quantity),
-        price=int(session.get("amount_total") or 0),
+        price=0 if amount is None else _stripe_count(amount, "amount_total", minimum=0),
         currency=str(session.get("currency") or "usd").upper()[:3],
         order_number=str(session.get("id") or ""),
         gifter_email=str(buyer) if gift and buyer else None,
@@ -207,10 +252,16 @@ def stripe_line_items(
             data = [item.to_dict() for item in listed.data]  # plain JSON, as from the event
         except stripe.StripeError as error:
             raise ProcessorUnavailable(str(error)[:200]) from error
+    if data is not None and not isinstance(data, list):
+        raise EventMalformed("the session's line_items.data is not a list")
     found = []
     for item in data or []:
+        if not isinstance(item, Mapping):
+            raise EventMalformed("a line item is not an object")
         price = item.get("price") or {}
         price_id = price.get("id") if isinstance(price, Mapping) else price
+        quantity = item.get("quantity")
         if isinstance(price_id, str):
-            found.append((price_id, int(item.get("quantity") or 1)))
+            count = 1 if quantity is None else _stripe_count(quantity, "quantity", minimum=1)
+            found.append((price_id, count))
     return found

@@ -114,11 +114,30 @@ class SignatureInvalid(InvalidInput):
     title = "Signature invalid"
 
 
+class EventMalformed(InvalidInput):
+    """A processor's event is correctly signed but not in the processor's documented shape (a
+    field missing or of the wrong type, a time in milliseconds): kept for support, never
+    guessed at. `event_malformed`, 400."""
+
+    code = "event_malformed"
+    status = 400
+    title = "Event malformed"
+
+
 class UnknownTool(InvalidInput):
     """The tool is not in the catalog, so its price is unknown. `unknown_tool`, 422."""
 
     code = "unknown_tool"
     title = "Unknown tool"
+
+
+class InvalidEmail(InvalidInput):
+    """An email address is not one bare, deliverable-looking address: a display name, a list,
+    a line break, a NUL, a non-ASCII local part or over 254 characters. `invalid_email`, 422;
+    `reason` says what is wrong, in the validating library's words."""
+
+    code = "invalid_email"
+    title = "Invalid email address"
 
 
 class PayloadTooLarge(TallyError):
@@ -269,6 +288,14 @@ class TooManyPendingHolds(Conflict):
 
     code = "too_many_pending_holds"
     title = "Too many pending holds"
+
+
+class BalanceLimitExceeded(Conflict):
+    """An account would hold more than `MAX_ACCOUNT_CREDITS` (2^53: lots' remaining plus
+    pending holds), or owe more than that; nothing changed. `balance_limit_exceeded`, 409."""
+
+    code = "balance_limit_exceeded"
+    title = "Balance limit exceeded"
 
 
 class IdempotencyKeyReused(TallyError):
@@ -451,6 +478,16 @@ class InternalError(TallyError):
     code = "internal_error"
     status = 500
     title = "Internal error"
+
+
+class ConfigurationInvalid(TallyError):
+    """Tally's settings are unsafe or incomplete (production without a real processor, a
+    secret key or that processor's secrets). Raised at start-up, before anything is served;
+    the detail names every setting missing. `configuration_invalid`."""
+
+    code = "configuration_invalid"
+    status = 500
+    title = "Configuration invalid"
 
 
 def by_code() -> dict[str, type[TallyError]]:

@@ -11,12 +11,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, NewType
 
 import isodate
+from email_validator import EmailNotValidError, validate_email
 
 from tally.domain.errors import (
     InvalidAccountId,
     InvalidAmount,
     InvalidClientAddress,
     InvalidDuration,
+    InvalidEmail,
     InvalidIdempotencyKey,
     InvalidTime,
 )
@@ -26,7 +28,19 @@ from tally.domain.errors import (
 MAX_AMOUNT: Final = 2**53
 ACCOUNT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 IDEMPOTENCY_KEY_MAX_LENGTH: Final = 255
+#: RFC 5321's limit on a path (256) less its angle brackets.
+EMAIL_MAX_LENGTH: Final = 254
 NEVER: Final = "never"
+#: Every time Tally takes, computes or stores lies in these years (UTC): wide enough for any
+#: real validity, and far enough from datetime's year 1 and 9999 that converting an offset or
+#: adding a few years never overflows.
+TIME_YEAR_MIN: Final = 1970
+TIME_YEAR_MAX: Final = 8999
+TIME_MIN: Final = datetime(TIME_YEAR_MIN, 1, 1, tzinfo=UTC)
+TIME_MAX: Final = datetime(TIME_YEAR_MAX, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+TIME_RANGE_TEXT: Final = (
+    f"between {TIME_YEAR_MIN}-01-01T00:00:00Z and {TIME_YEAR_MAX}-12-31T23:59:59Z"
+)
 
 
 def credits(value: object, *, field: str = "amount") -> int:
@@ -66,6 +80,41 @@ def idempotency_key(value: str) -> str:
             f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX_LENGTH} printable characters"
         )
     return value
+
+
+def email(raw: str, *, field: str = "email") -> str:
+    """One bare address, normalised (the domain in lower-case ASCII), or InvalidEmail.
+
+    Refused: display names, lists, quoted local parts, IP literals, line breaks and other
+    control characters, whitespace inside, a non-ASCII local part (mail leaves without
+    SMTPUTF8) and anything over 254 characters. Spaces and tabs around the address are
+    typing, not part of it. The local part keeps its case: compare addresses with
+    `casefold()`, as everywhere in Tally."""
+    if not isinstance(raw, str):
+        raise _not_an_address(field, "it is not text")
+    text = raw.strip(" \t")
+    if len(text) > EMAIL_MAX_LENGTH:
+        raise _not_an_address(field, f"it is longer than {EMAIL_MAX_LENGTH} characters")
+    try:
+        checked = validate_email(
+            text,
+            check_deliverability=False,  # no DNS where an address enters
+            allow_smtputf8=False,
+            allow_display_name=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+        )
+    except EmailNotValidError as error:
+        raise _not_an_address(field, str(error)) from error
+    # The library refuses these already; a header line is never built from one regardless.
+    if not checked.normalized.isprintable() or any(c.isspace() for c in checked.normalized):
+        raise _not_an_address(field, "the address contains whitespace or control characters")
+    address: str = checked.ascii_email or checked.normalized
+    return address
+
+
+def _not_an_address(field: str, reason: str) -> InvalidEmail:
+    return InvalidEmail(f"{field} is not one email address: {reason}", field=field, reason=reason)
 
 
 #: A client's address as rate limits count it: see `client_address`.
@@ -115,18 +164,22 @@ class Validity:
             return
         if not isinstance(text, str) or not text.startswith("P") or len(text) > 64:
             raise InvalidDuration(f"validity must be an ISO 8601 duration or 'never', got {text!r}")
+        too_long = f"validity {text!r} is longer than times can run ({TIME_RANGE_TEXT})"
         try:
             duration = isodate.parse_duration(text)
+        except OverflowError as error:  # more days than a timedelta holds
+            raise InvalidDuration(too_long) from error
         except (isodate.ISO8601Error, ValueError, TypeError) as error:
             raise InvalidDuration(
                 f"validity must be an ISO 8601 duration or 'never', got {text!r}"
             ) from error
-        start = datetime(2000, 1, 1, tzinfo=UTC)
         try:
-            positive = start + duration > start
-        except (OverflowError, ValueError) as error:
-            raise InvalidDuration(f"validity {text!r} runs past the year 9999") from error
-        if not positive:
+            end = TIME_MIN + duration
+        except (OverflowError, ValueError):
+            end = None
+        if end is None or end > TIME_MAX:
+            raise InvalidDuration(too_long)
+        if end <= TIME_MIN:
             raise InvalidDuration(f"validity must be positive, got {text!r}")
         self._duration = duration
 
@@ -135,9 +188,14 @@ class Validity:
         if self._duration is None:
             return None
         try:
-            end: datetime = start + self._duration
-        except (OverflowError, ValueError) as error:
-            raise InvalidDuration(f"validity {self.text!r} runs past the year 9999") from error
+            end: datetime | None = start + self._duration
+        except (OverflowError, ValueError):
+            end = None
+        if end is None or end > TIME_MAX:
+            raise InvalidDuration(
+                f"validity {self.text!r} from {format_time(start)} ends after the year"
+                f" {TIME_YEAR_MAX}; times are {TIME_RANGE_TEXT}"
+            )
         return end
 
     def __repr__(self) -> str:
@@ -151,16 +209,37 @@ class Validity:
 
 
 def parse_time(value: str, *, field: str = "time") -> datetime:
-    """RFC 3339 with an explicit offset (`Z` or `+hh:mm`), answered in UTC."""
+    """RFC 3339 with an explicit offset (`Z` or `+hh:mm`), answered in UTC, within
+    `TIME_MIN`..`TIME_MAX`."""
     if not isinstance(value, str) or not re.fullmatch(
         r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", value
     ):
         raise InvalidTime(f"{field} must be RFC 3339 with an offset, got {value!r}")
+    # The written year first: converting year 1 or 9999 to UTC overflows.
+    if not TIME_YEAR_MIN - 1 <= int(value[:4]) <= TIME_YEAR_MAX + 1:
+        raise InvalidTime(f"{field} must be {TIME_RANGE_TEXT}, got {value!r}")
     try:
         parsed = datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError as error:
         raise InvalidTime(f"{field} is not a valid time: {value!r}") from error
-    return parsed.astimezone(UTC)
+    return in_time_range(parsed.astimezone(UTC), field=field)
+
+
+def in_time_range(value: datetime, *, field: str = "time") -> datetime:
+    """`value` (aware) if it lies within `TIME_MIN`..`TIME_MAX`, else InvalidTime."""
+    if not TIME_MIN <= value <= TIME_MAX:
+        raise InvalidTime(f"{field} must be {TIME_RANGE_TEXT}, got {format_time(value)}")
+    return value
+
+
+def time_from_epoch(seconds: object, *, field: str = "time") -> datetime:
+    """Whole seconds since 1970 (as processors send times) within the time range; a boolean,
+    a fraction or milliseconds (a year past 8999) are refused with InvalidTime."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise InvalidTime(f"{field} must be whole seconds since 1970, got {seconds!r}")
+    if not 0 <= seconds <= int(TIME_MAX.timestamp()):
+        raise InvalidTime(f"{field} must be {TIME_RANGE_TEXT} in seconds, got {seconds}")
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def format_time(value: datetime | None) -> str | None:
@@ -229,16 +308,22 @@ def is_id(value: str, prefix: str) -> bool:
 
 
 __all__ = [
+    "EMAIL_MAX_LENGTH",
     "MAX_AMOUNT",
     "NEVER",
+    "TIME_MAX",
+    "TIME_MIN",
     "ClientAddress",
     "Validity",
     "account_id",
     "client_address",
     "credits",
+    "email",
     "format_time",
     "idempotency_key",
+    "in_time_range",
     "is_id",
     "new_id",
     "parse_time",
+    "time_from_epoch",
 ]

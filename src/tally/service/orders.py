@@ -78,7 +78,8 @@ def find_orders(
 ) -> Page[OrderSummary]:
     """Orders matching every filter given (at least one), newest first; the email matches
     whatever its case. A page starts after the order `starting_after`."""
-    email = _text(email, "email", EMAIL_MAX)
+    # A blank filter is no filter; anything else must be one address.
+    email = values.email(email) if isinstance(email, str) and email.strip() else None
     order_number = _text(order_number, "order_number", ORDER_NUMBER_MAX)
     if email is None and order_number is None:
         raise InvalidInput("give an email or an order_number (or both)")
@@ -185,8 +186,9 @@ def request_lost_code(
     """The public /lost-code form: when `email` (the order's address or its gifter's) and
     `order_number` match an order whose code is unredeemed, a new code goes to the order's
     address. It answers the same (None) whether or not anything matched; only too many
-    attempts from one client address are refused (RateLimited)."""
-    email = (email or "").strip()
+    attempts from one client address are refused (RateLimited), and what is not an email
+    address (InvalidEmail), before anything is counted or looked up."""
+    email = values.email(email)
     order_number = (order_number or "").strip()
     asked = [
         limits.Limit(
@@ -201,9 +203,9 @@ def request_lost_code(
         limits.enforce(uow, asked, now, detail="too many requests: try again later")
         limits.record(uow, asked, now)
         uow.commit()
-    if not (0 < len(email) <= EMAIL_MAX and 0 < len(order_number) <= ORDER_NUMBER_MAX):
+    if not 0 < len(order_number) <= ORDER_NUMBER_MAX:
         return
-    if "\x00" in email or "\x00" in order_number:
+    if "\x00" in order_number:
         return  # PostgreSQL refuses NUL characters: never send it junk
     with uow:
         now = uow.clock()

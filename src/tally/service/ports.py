@@ -77,11 +77,11 @@ class Accounts(Protocol):
         self,
         account_ids: Sequence[str],
         *,
-        create_at: datetime | None = None,
         lot_ids: Sequence[str] = (),
         hold_ids: Sequence[str] = (),
     ) -> dict[str, Account]:
-        """Lock and load several accounts in sorted order (absent ones are left out)."""
+        """Lock and load several accounts in sorted order (absent ones are left out, never
+        created)."""
 
     def get(self, account_id: str) -> Account | None:
         """The same, without a lock, for reads."""
@@ -222,11 +222,21 @@ class Commerce(Protocol):
 
     def next_due_message(self, now: datetime) -> Message | None: ...
 
-    def message_sent(self, message_id: str, context: dict[str, object], now: datetime) -> None: ...
+    def claim_message(self, now: datetime, *, until: datetime) -> tuple[str, int] | None:
+        """The oldest due message, its attempt counted, not due again until `until`:
+        (its id, its attempts with this one)."""
+
+    def message(self, message_id: str) -> Message | None: ...
+
+    def message_sent(
+        self, message_id: str, context: dict[str, object], now: datetime, *, attempts: int
+    ) -> bool:
+        """Only while the claim that made `attempts` holds."""
 
     def message_failed(
         self, message_id: str, *, attempts: int, retry_at: datetime | None, error: str
-    ) -> None: ...
+    ) -> bool:
+        """Only while the claim that made `attempts` holds; `retry_at` None: failed."""
 
     def messages_of_order(self, order_id: str) -> list[dict[str, Any]]: ...
 

@@ -26,7 +26,7 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH
-from tally.entrypoints.http import admin, commerce, schemas, v1
+from tally.entrypoints.http import admin, commerce, openapi, schemas, v1
 from tally.entrypoints.http import orders as orders_http
 from tally.entrypoints.http import refunds as refunds_http
 from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, note_rate_limited, problem_body
@@ -87,7 +87,7 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        jobs = Worker(tally) if worker else None
+        jobs = Worker(tally, metrics=metrics) if worker else None
         if jobs is not None:
             jobs.start()
         try:
@@ -109,9 +109,12 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     app.add_middleware(Edge, metrics=metrics)
     app.include_router(v1.router)
     app.include_router(commerce.router)
+    if not tally.settings.production:
+        app.include_router(commerce.development_router)
     app.include_router(orders_http.router)  # issue 5: /v1/orders, /lost-code
     app.include_router(admin.router)  # issue 5: the support console, /admin
     app.include_router(refunds_http.router)  # issue 5: /v1/orders/{id}/refund
+    openapi.install(app, lambda: tally.catalog.tools)
 
     @app.exception_handler(TallyError)
     async def refused(request: Request, error: TallyError) -> Response:

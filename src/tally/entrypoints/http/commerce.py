@@ -23,6 +23,8 @@ from tally.domain.commerce import Sale
 from tally.domain.errors import (
     CodeInvalidOrUsed,
     DatabaseUnavailable,
+    EventMalformed,
+    InvalidEmail,
     InvalidInput,
     NotFound,
     RateLimited,
@@ -56,6 +58,9 @@ Spend = Annotated[Principal, Depends(Caller("spend"))]
 Support = Annotated[Principal, Depends(Caller("support"))]
 
 router = APIRouter()
+#: Routes that do not exist in production (create_app leaves them out there): the sandbox's
+#: Pay button, which makes paid orders for anyone, and the dev mailbox, which shows codes.
+development_router = APIRouter()
 
 
 def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -68,6 +73,22 @@ def _accepted(**body: Any) -> Response:
 
 def _fulfil(tally: Tally, sale: Sale) -> commerce.Fulfilment:
     return commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+
+
+def _unusable(
+    tally: Tally, processor: str, sale_id: str | None, payload: object, error: InvalidInput
+) -> Response:
+    """A paid sale reported with what Tally cannot act on (an unusable address, a price out
+    of range): kept for support and answered 200, since the processor would resend the same
+    thing for days; never fulfilled to a guess."""
+    reason = f"{error.code}: {error.detail}"
+    commerce.record_unmatched(processor, sale_id, reason, payload, tally.uow())
+    return _accepted(ignored=error.code, reason=error.detail)
+
+
+def email_field_error(error: InvalidEmail) -> str:
+    """What a form says next to an address it refused."""
+    return f"Enter one email address, such as name@example.com. {error.extra.get('reason', '')}"
 
 
 # --- webhooks -----------------------------------------------------------------------------------
@@ -92,22 +113,24 @@ async def gumroad_webhook(
     request: Request, token: Annotated[str, Path(max_length=200)]
 ) -> Response:
     """Fulfil a Gumroad sale once. A wrong token or seller is a 404 with no side effect; a
-    temporary failure is a 503, so Gumroad tries again."""
+    temporary failure is a 503, so Gumroad tries again. The token says whose ping it is:
+    Gumroad's, or (in development) the sandbox checkout's own."""
     tally = tally_of(request)
-    if not payments.matches_secret(token, tally.gumroad_token):
+    processor = tally.webhook_processor(token)
+    if processor is None:
         raise NotFound("no such endpoint")
     ping = await _ping(request)
-    if not payments.matches_secret(ping.get("seller_id", ""), tally.gumroad_seller_id):
+    if not payments.matches_secret(ping.get("seller_id", ""), tally.seller_id(processor)):
         raise NotFound("no such endpoint")
     resource = ping.get("resource_name") or "sale"
     sale_id = ping.get("sale_id") or None
     if resource in _GUMROAD_REVERSALS and sale_id is not None:
-        return await run_in_threadpool(_gumroad_reversal, tally, ping, resource, sale_id)
+        return await run_in_threadpool(_gumroad_reversal, tally, processor, ping, resource, sale_id)
     if resource != "sale":
         return _accepted(ignored=resource)  # subscriptions: not sold yet
     if sale_id is None:
         raise InvalidInput("the ping has no sale_id")
-    return await run_in_threadpool(_gumroad_sale, tally, ping, sale_id)
+    return await run_in_threadpool(_gumroad_sale, tally, processor, ping, sale_id)
 
 
 # --- refunds and disputes reported by the processors (issue 5, engineer A) ------------------------
@@ -117,8 +140,9 @@ async def gumroad_webhook(
 _GUMROAD_REVERSALS: Final = ("refund", "dispute", "dispute_won")
 
 
-def _gumroad_reversal(tally: Tally, ping: dict[str, str], resource: str, sale_id: str) -> Response:
-    processor = "sandbox" if tally.settings.payments == "sandbox" else "gumroad"
+def _gumroad_reversal(
+    tally: Tally, processor: str, ping: dict[str, str], resource: str, sale_id: str
+) -> Response:
     key = f"{resource}:{sale_id}"
     refunded = None  # the whole sale, unless Gumroad says a part, and how much in all
     partial = ping.get("partially_refunded", "").lower() == "true"
@@ -184,7 +208,7 @@ def _stripe_reversal(tally: Tally, event: dict[str, Any]) -> Response:
 
 def _amount(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput("amounts are whole, non-negative numbers of minor units")
+        raise EventMalformed("amounts are whole, non-negative numbers of minor units")
     return value
 
 
@@ -194,9 +218,9 @@ def _record(tally: Tally, event: ProcessorEvent) -> str:
     )
 
 
-def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
+def _gumroad_sale(tally: Tally, processor: str, ping: dict[str, str], sale_id: str) -> Response:
     settings = tally.settings
-    if settings.gumroad_access_token:
+    if processor == "gumroad" and settings.gumroad_access_token:  # Gumroad never saw the sandbox
         api = payments.GumroadApi(settings.gumroad_api_base, settings.gumroad_access_token)
         try:
             confirmed = api.sale(sale_id)
@@ -209,14 +233,16 @@ def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
             return _accepted(ignored="unconfirmed")
         ping = {**ping, **{k: v for k, v in confirmed.items() if k in _CONFIRMED_FIELDS}}
     package = payments.gumroad_package(tally.catalog, ping)
-    processor = "sandbox" if settings.payments == "sandbox" else "gumroad"
     if package is None:
         commerce.record_unmatched(
             processor, sale_id, "no package for this product", ping, tally.uow()
         )
         return _accepted(ignored="unknown product")
-    now = tally.clock()
-    done = _fulfil(tally, payments.gumroad_sale(ping, package, processor=processor, now=now))
+    try:
+        sale = payments.gumroad_sale(ping, package, processor=processor, now=tally.clock())
+    except InvalidInput as error:
+        return _unusable(tally, processor, sale_id, ping, error)
+    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -232,9 +258,25 @@ async def stripe_webhook(
     stripe_signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None,
 ) -> Response:
     tally = tally_of(request)
-    event = payments.stripe_event(
-        await request.body(), stripe_signature, tally.settings.stripe_webhook_secret
-    )
+    payload = await request.body()
+    secret = tally.settings.stripe_webhook_secret
+    try:
+        return await _stripe_dispatch(
+            tally, payments.stripe_event(payload, stripe_signature, secret)
+        )
+    except EventMalformed as error:
+        # Signed by Stripe yet unreadable: kept for support, and a 400, never a 5xx that
+        # Stripe would retry for days.
+        await run_in_threadpool(_keep_malformed, tally, payload, error)
+        raise
+
+
+def _keep_malformed(tally: Tally, payload: bytes, error: EventMalformed) -> None:
+    event_id, kept = payments.stripe_kept(payload)
+    commerce.record_unmatched("stripe", event_id, f"malformed: {error.detail}", kept, tally.uow())
+
+
+async def _stripe_dispatch(tally: Tally, event: dict[str, Any]) -> Response:
     kind = event["type"]
     if kind in ("charge.refunded", "charge.dispute.created", "charge.dispute.closed"):
         return await run_in_threadpool(_stripe_reversal, tally, event)  # issue 5
@@ -261,7 +303,11 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
         )
         return _accepted(ignored="unknown product")
     quantity = next((q for price, q in items if price == package.stripe_price_id), 1)
-    done = _fulfil(tally, payments.stripe_sale(session, package, quantity, now=tally.clock()))
+    try:
+        sale = payments.stripe_sale(session, package, quantity, now=tally.clock())
+    except InvalidInput as error:
+        return _unusable(tally, "stripe", str(session.get("id")), dict(session), error)
+    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -376,7 +422,9 @@ def redeem_form(
     code: Annotated[str, Form(max_length=64)],
     account: Annotated[str, Form(max_length=128)],
 ) -> HTMLResponse:
-    account_id = account.strip().lower()
+    # Exactly as typed, case and all: account ids are the platforms' own user ids, not emails,
+    # and `User_A` and `user_a` are two people. Only surrounding spaces (never valid) go.
+    account_id = account.strip()
     try:
         lot = commerce.redeem(
             commerce.Redeem(
@@ -431,6 +479,8 @@ def checkout(
         return RedirectResponse(f"https://gumroad.com/l/{permalink}", 303)
     if settings.payments == "stripe":
         return RedirectResponse(_stripe_checkout(tally, package.id, email, gift_email), 303)
+    if not settings.sandbox:
+        raise NotFound("the sandbox checkout is off")
     return _page(
         "checkout.html.j2",
         title=f"Buy {package.name}",
@@ -443,6 +493,9 @@ def checkout(
 def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str | None) -> str:
     import stripe
 
+    # Stripe is handed only addresses the webhook would accept back.
+    email = values.email(email) if email else None
+    gift = values.email(gift, field="gift_email") if gift else None
     settings = tally.settings
     package = tally.catalog.packages[package_id]
     if not settings.stripe_api_key or not package.stripe_price_id:
@@ -468,40 +521,62 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
     return str(session.url)
 
 
-@router.post("/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False)
+@development_router.post(
+    "/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False
+)
 def sandbox_pay(
     tally: App,
     package_id: Annotated[str, Path(max_length=64)],
-    email: Annotated[str, Form(max_length=320)],
+    # Blank is the validator's to refuse, as a field error on the form, like any bad address.
+    email: Annotated[str, Form(max_length=320)] = "",
     gift_email: Annotated[str, Form(max_length=320)] = "",
 ) -> HTMLResponse:
     """The sandbox's Pay button: a Gumroad-format ping to Tally's own webhook, over HTTP."""
-    if tally.settings.payments != "sandbox":
+    if not tally.settings.sandbox:
         raise NotFound("the sandbox checkout is off")
     package = tally.catalog.packages.get(package_id)
     if package is None:
         raise NotFound(f"no package {package_id!r}")
+    errors: dict[str, str] = {}
+    buyer = gift = ""
+    try:
+        buyer = values.email(email)
+    except InvalidEmail as error:
+        errors["email"] = email_field_error(error)
+    try:
+        gift = values.email(gift_email, field="gift_email") if gift_email.strip() else ""
+    except InvalidEmail as error:
+        errors["gift_email"] = email_field_error(error)
+    if errors:  # the form again, with what was typed and what to fix
+        return _page(
+            "checkout.html.j2",
+            422,
+            title=f"Buy {package.name}",
+            package=package,
+            email=email,
+            gift_email=gift_email,
+            errors=errors,
+        )
     sale_id = f"sandbox-{secrets.token_hex(8)}"
-    gift = gift_email.strip()
     ping = {
-        "seller_id": tally.gumroad_seller_id,
+        "seller_id": tally.seller_id("sandbox"),
         "sale_id": sale_id,
         "sale_timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "order_number": str(secrets.randbelow(10**9)),
         "product_id": package.gumroad_product_id or package.id,
         "product_permalink": f"{tally.settings.public_url}/l/{package.gumroad_permalink}",
         "product_name": package.name,
-        "email": gift or email.strip(),
+        "email": gift or buyer,
         "price": "0" if gift else str(package.price),
         "currency": package.currency.lower(),
         "quantity": "1",
         "resource_name": "sale",
         "test": "true",
         "is_gift_receiver_purchase": "true" if gift else "false",
-        "gifter_email": email.strip() if gift else "",
+        "gifter_email": buyer if gift else "",
         "refunded": "false",
     }
-    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.gumroad_token}"
+    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.sandbox_token}"
     try:
         answer = httpx.post(url, data=ping, timeout=SANDBOX_TIMEOUT_SECONDS)
     except httpx.TransportError as error:
@@ -510,13 +585,13 @@ def sandbox_pay(
         ) from error
     if answer.status_code != 200:
         raise TallyError(f"the webhook answered {answer.status_code}")
-    shown = gift or email.strip()
+    shown = gift or buyer
     return _page(
         "paid.html.j2", title="Thank you", email=shown, mailbox=not tally.settings.smtp_url
     )
 
 
-@router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
+@development_router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
 def mailbox(tally: App) -> HTMLResponse:
     if tally.settings.production or tally.settings.smtp_url:
         raise NotFound("the development mailbox is off")

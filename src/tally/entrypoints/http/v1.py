@@ -218,14 +218,14 @@ def balance(
 def lots(
     tally: App,
     account_id: AccountId,
-    _: Read,
+    who: Read,
     limit: Limit = DEFAULT_PAGE,
     starting_after: Cursor = None,
 ) -> Response:
     page, now = ledger.list_lots(
         account_id, tally.uow(), limit=limit, starting_after=starting_after
     )
-    data = [lot_view(lot, now) for lot in page.items]
+    data = [lot_view(lot, now, who.platform_id) for lot in page.items]
     return json_response({"data": data, "has_more": page.has_more})
 
 
@@ -233,12 +233,12 @@ def lots(
 def entries(
     tally: App,
     account_id: AccountId,
-    _: Read,
+    who: Read,
     limit: Limit = DEFAULT_PAGE,
     starting_after: Cursor = None,
 ) -> Response:
     page = ledger.list_entries(account_id, tally.uow(), limit=limit, starting_after=starting_after)
-    data = [entry_view(entry) for entry in page.items]
+    data = [entry_view(entry, who.platform_id) for entry in page.items]
     return json_response({"data": data, "has_more": page.has_more})
 
 
@@ -295,7 +295,7 @@ def void(
         ),
         unit,
     )
-    return _answer(lot_view(lot, tally.clock()), unit)
+    return _answer(lot_view(lot, tally.clock(), who.platform_id), unit)
 
 
 # --- spending -----------------------------------------------------------------------------
