@@ -22,14 +22,15 @@ from tally.adapters.db.uow import SqlUnitOfWork
 from tally.adapters.mail import Templates
 from tally.domain import codes, values
 from tally.domain.commerce import Sale
-from tally.domain.errors import CodeInvalidOrUsed, RateLimited
+from tally.domain.errors import CodeInvalidOrUsed, RateLimited, SignInFailed
 from tally.entrypoints.http import edge
-from tally.service import commerce, limits
+from tally.service import commerce, limits, orders, staff
 from tests.conftest import DATABASES
 from tests.security.conftest import MakeShop, Shop
-from tests.support import CATALOG, PEPPER, FakeClock, Outbox, database
+from tests.support import CATALOG, LINKS, PEPPER, FakeClock, Outbox, database
 
 PARALLEL = 64
+CONNECTIONS = 16
 ALLOWED = 10  # rule 11's default, TALLY_REDEEM_FAILURES_PER_HOUR
 
 
@@ -76,7 +77,8 @@ def _code_for_sale(shop: Shop, sale_id: str) -> str:
 
 @pytest.fixture(params=DATABASES)
 def pooled(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    with database(request.param, str(tmp_path), pool_size=PARALLEL) as db:
+    # 16 connections race as hard as 64 and leave PostgreSQL room for other tests.
+    with database(request.param, str(tmp_path), pool_size=CONNECTIONS) as db:
         yield db
 
 
@@ -120,6 +122,51 @@ def test_64_parallel_wrong_codes_have_exactly_the_limit_evaluated(pooled: Databa
         "redeem:plt_tool:address:203.0.113.9": ALLOWED,
         "redeem:plt_tool": ALLOWED,
     }
+
+
+def test_the_lost_code_form_and_sign_in_count_parallel_attempts_exactly(
+    pooled: Database,
+) -> None:
+    clock = FakeClock()
+    address = values.client_address("203.0.113.9")
+    allowed = 5
+    start = threading.Barrier(PARALLEL // 4)
+
+    def ask(n: int) -> str:
+        start.wait()
+        try:
+            orders.request_lost_code(
+                "ana@example.com",
+                f"order-{n}",
+                SqlUnitOfWork(pooled, clock),
+                client_address=address,
+                pepper=PEPPER,
+                links=LINKS,
+                limit=allowed,
+            )
+        except RateLimited as refused:
+            return refused.code
+        return "asked"
+
+    def sign_in(n: int) -> str:
+        start.wait()
+        try:  # a new email each time: only the address's limit can stop these
+            staff.sign_in(
+                f"guess-{n}@example.com",
+                "not the password",
+                SqlUnitOfWork(pooled, clock),
+                client_address=address,
+                per_address=allowed,
+            )
+        except (RateLimited, SignInFailed) as refused:
+            return refused.code
+        return "signed in"
+
+    for attempt, evaluated in ((ask, "asked"), (sign_in, "sign_in_failed")):
+        with ThreadPoolExecutor(PARALLEL // 4) as pool:
+            outcomes = list(pool.map(attempt, range(PARALLEL // 4)))
+        assert outcomes.count(evaluated) == allowed
+        assert outcomes.count("rate_limited") == PARALLEL // 4 - allowed
 
 
 # --- lockout -------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ transaction, locks every subject it names (PostgreSQL: one advisory lock per sub
 order; SQLite: its single writer) and counts them all in one query; the caller records a
 failure with `record` in the same transaction. Parallel attempts on one subject are therefore
 counted one after another: with 10 allowed, exactly 10 are ever evaluated, on any number of
-processes. Only evaluated failures are recorded, never refusals, so the table stays bounded.
+processes. Ceilings over many people (a platform's, the page's) are counted without their lock
+(`exact=False`), so that one person's redemption never waits for another's; they may be passed
+by the few attempts in flight at once. Only evaluated failures are recorded, never refusals, so
+the table stays bounded.
 
 Who counts against what, so that a stranger can never spend a person's allowance:
 
@@ -53,10 +56,14 @@ class Limit:
     subject: str
     allowed: int
     window: timedelta
+    #: Counted under the subject's lock, so never passed. A ceiling over many people is not
+    #: locked: it may be passed by as many attempts as run at that instant, and in exchange
+    #: different people's redemptions never wait for each other.
+    exact: bool = True
 
     def __post_init__(self) -> None:
         assert len(self.subject) <= SUBJECT_MAX_LENGTH, "a subject fits its column"
-        assert self.allowed >= 1, "0 would refuse everyone"
+        assert self.allowed >= 0  # 0: closed, every attempt refused
         assert self.window > timedelta(0)
 
 
@@ -100,7 +107,7 @@ def for_look_up(
 
 
 def _platform(scope: str, address: ClientAddress | None, allowance: Allowance) -> list[Limit]:
-    made = [Limit("redeem_platform", scope, allowance.per_platform, FAILURE_WINDOW)]
+    made = [Limit("redeem_platform", scope, allowance.per_platform, FAILURE_WINDOW, exact=False)]
     if address is not None:
         made.append(
             Limit(
@@ -121,7 +128,7 @@ def _page(address: ClientAddress | None, allowance: Allowance) -> list[Limit]:
             allowance.per_subject,
             FAILURE_WINDOW,
         ),
-        Limit("page", "redeem-page", allowance.page, FAILURE_WINDOW),
+        Limit("page", "redeem-page", allowance.page, FAILURE_WINDOW, exact=False),
     ]
 
 
@@ -137,7 +144,7 @@ def enforce(
     them allow another attempt."""
     if not limits:
         return
-    uow.commerce.lock_subjects([limit.subject for limit in limits])
+    uow.commerce.lock_subjects([limit.subject for limit in limits if limit.exact])
     counts = uow.commerce.failures_within({limit.subject: now - limit.window for limit in limits})
     tripped: list[tuple[timedelta, str]] = []
     for limit in limits:
