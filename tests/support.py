@@ -29,6 +29,21 @@ POSTGRES_URL = os.environ.get(
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
+def recent_sale_time() -> datetime:
+    """Yesterday at 10:00 UTC, for a real server that reads the wall clock: a sale that is
+    recent whenever the tests run, never on 29 February (two years on is one date)."""
+    moment = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    moment -= timedelta(days=1)
+    if (moment.month, moment.day) == (2, 29):
+        moment -= timedelta(days=1)
+    return moment
+
+
+def stamp(moment: datetime) -> str:
+    """`2026-11-21T10:00:00Z`, as processors and the API write a time."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class FakeClock:
     """A clock that moves only when told to; thread-safe so concurrent tests can share it."""
 

@@ -183,6 +183,25 @@ class Server:
         [(found,)] = self.rows(sql, **params)
         return int(found)
 
+    def outbox(self, emails: set[str]) -> dict[str, list[str]]:
+        """address -> the statuses of the outbox rows to it, oldest first."""
+        found: dict[str, list[str]] = {email: [] for email in emails}
+        for to, status in self.rows("SELECT to_email, status FROM outbox ORDER BY created_at"):
+            if to in found:
+                found[to].append(status)
+        return found
+
+    def wait_until_sent(self, emails: set[str], timeout: float = 20.0) -> dict[str, list[str]]:
+        """Until no outbox row to these addresses is pending: the worker sends only pending
+        rows, so from then on nothing more can go to them (no sleeping against its cycle)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.outbox(emails)
+            if all(statuses and "pending" not in statuses for statuses in found.values()):
+                return found
+            assert time.monotonic() < deadline, f"still pending: {found}"
+            time.sleep(0.1)
+
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
