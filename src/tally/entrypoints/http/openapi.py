@@ -102,9 +102,9 @@ _SOLID = "[^\\u0000" + _char_class(c for c in range(0x10000) if chr(c).isspace()
 SOLID_TEXT_PATTERN: Final = f"^[^\\u0000]*{_SOLID}[^\\u0000]*$"
 _PRINTABLE = _latin1_class(space=True)
 _VISIBLE = _latin1_class(space=False)
-#: `values.idempotency_key`: 1-255 printable characters; the server drops spaces and tabs
-#: around a header value before the key is read.
-IDEMPOTENCY_KEY_PATTERN: Final = f"^[ \\t]*{_VISIBLE}({_PRINTABLE}*{_VISIBLE})?[ \\t]*$"
+#: `values.idempotency_key`: 1-255 printable characters. A header value has no white space
+#: around it (RFC 9110: the server drops it before the key is read).
+IDEMPOTENCY_KEY_PATTERN: Final = f"^{_VISIBLE}({_PRINTABLE}*{_VISIBLE})?$"
 
 
 def install(app: FastAPI, tools: Callable[[], Iterable[str]]) -> None:
