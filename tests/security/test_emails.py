@@ -119,6 +119,11 @@ def test_a_gift_from_an_unusable_giver_is_not_fulfilled_either(gumroad: Shop, db
         ({"price": str(2**53 + 1)}, "price is a whole number of minor units from 0 to 2^53"),
         ({"order_number": "9" * 129}, "an order number is 1-128 printable characters"),
         ({"currency": "u$"}, "currency is three capital letters (ISO 4217)"),
+        # Digits Python's int() misreads or refuses, and numbers past 2^53's 16 digits.
+        ({"quantity": "\u00b2"}, "the ping's quantity is not a whole number"),
+        ({"price": "\u0661\u0660"}, "the ping's price is not a whole number"),
+        ({"quantity": "1.5"}, "the ping's quantity is not a whole number"),
+        ({"price": "9" * 17}, "the ping's price is not a whole number"),
     ],
 )
 def test_a_sale_out_of_bounds_is_kept_for_support_not_fulfilled(
