@@ -229,7 +229,9 @@ class Server:
         """Until a run of `job` that started after this call has completed: whatever was due
         before the call has been handled (for mail: sent, or its failure recorded), so a test
         can check that nothing more was sent without sleeping on the worker's period."""
-        wanted = self.worker_runs(job) + 2  # the run under way may have started before
+        # Runs of a job follow one another: once as many have completed as had begun, plus
+        # one, a run that began after this call has completed.
+        wanted = int(self.metric("tally_worker_starts_total", job=job)) + 1
         deadline = time.monotonic() + timeout
         while self.worker_runs(job) < wanted:
             assert time.monotonic() < deadline, f"the worker's {job} job did not run"

@@ -144,6 +144,8 @@ class Worker:
         """Run one job now, isolated: whatever it raises is logged and counted, never passed
         on. Answers whether it completed."""
         ok = False
+        if self.metrics is not None:
+            self.metrics.worker_started(job)
         try:
             self._runs[job]()
             ok = True

@@ -362,29 +362,29 @@ def deliver_mail(
         error, final = _attempt(
             uow, message_id, attempts, sender=sender, templates=templates, links=links
         )
+        if error is None:
+            sent += 1
+            continue
         with uow:
             now = uow.clock()
-            if error is None:
-                sent += 1
-            else:
-                retry_at = None
-                if not final and attempts < MAIL_MAX_ATTEMPTS:
-                    retry_at = now + min(MAIL_MAX_BACKOFF, MAIL_FIRST_BACKOFF * 2 ** (attempts - 1))
-                # The claim holds unless support requeued the message meanwhile: then its
-                # fresh start stands.
-                uow.commerce.message_failed(
-                    message_id, attempts=attempts, retry_at=retry_at, error=error
-                )
-                retried += retry_at is not None
-                failed += retry_at is None
-                log.warning(
-                    "mail_not_sent",
-                    message_id=message_id,
-                    attempts=attempts,
-                    retry_at=None if retry_at is None else retry_at.isoformat(),
-                    error=error,
-                )
+            retry_at = None
+            if not final and attempts < MAIL_MAX_ATTEMPTS:
+                retry_at = now + min(MAIL_MAX_BACKOFF, MAIL_FIRST_BACKOFF * 2 ** (attempts - 1))
+            # The claim holds unless support requeued the message meanwhile: then its fresh
+            # start stands.
+            uow.commerce.message_failed(
+                message_id, attempts=attempts, retry_at=retry_at, error=error
+            )
             uow.commit()
+        retried += retry_at is not None
+        failed += retry_at is None
+        log.warning(
+            "mail_not_sent",
+            message_id=message_id,
+            attempts=attempts,
+            retry_at=None if retry_at is None else retry_at.isoformat(),
+            error=error,
+        )
     return Delivery(sent, retried, failed)
 
 

@@ -98,6 +98,12 @@ class Metrics:
             ("job", "outcome"),
             registry=self.registry,
         )
+        self.worker_starts = Counter(
+            "tally_worker_starts",
+            "Runs of the worker's jobs begun in this process, by job",
+            ("job",),
+            registry=self.registry,
+        )
         self.worker_last_success = Gauge(
             "tally_worker_last_success_timestamp_seconds",
             "When each of the worker's jobs last completed without an error (Unix time)",
@@ -114,6 +120,9 @@ class Metrics:
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+    def worker_started(self, job: str) -> None:
+        self.worker_starts.labels(job).inc()
 
     def worker_cycle(self, job: str, *, ok: bool) -> None:
         self.worker_cycles.labels(job, "ok" if ok else "failed").inc()
