@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tally.adapters import catalog_file, payments, refunds
 from tally.adapters.db.engine import Database, connect
@@ -49,7 +50,10 @@ class Tally:
     @cached_property
     def links(self) -> Links:
         base = self.settings.public_url
-        domain = base.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0] or "localhost"
+        # The Message-ID's right side: the public host, or `localhost` for an address literal
+        # such as `[::1]`, which makes no valid Message-ID domain.
+        host = urlsplit(base).hostname or ""
+        domain = host if host and ":" not in host else "localhost"
         return Links(
             redeem_url=f"{base}/redeem",
             lost_code_url=f"{base}/lost-code",

@@ -272,3 +272,18 @@ def test_the_cli_refuses_them_before_asking_for_a_password(
         problem = json.loads(done.stderr.strip().splitlines()[-1])
         assert problem["code"] == "invalid_email"
     assert _count(db, staff) == 0
+
+
+@pytest.mark.parametrize(
+    ("public_url", "domain"),
+    [
+        ("https://credits.example.com", "credits.example.com"),
+        ("https://Credits.Example.com:8443/tally", "credits.example.com"),
+        ("http://127.0.0.1:8000", "127.0.0.1"),
+        ("http://[::1]:8000", "localhost"),  # no Message-ID domain in an IPv6 literal
+    ],
+)
+def test_every_public_url_gives_messages_a_usable_domain(
+    make_shop: MakeShop, public_url: str, domain: str
+) -> None:
+    assert make_shop(public_url=public_url).tally.links.mail_domain == domain
