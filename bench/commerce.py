@@ -142,7 +142,10 @@ def redeem_rate(db: Database, seconds: float, stock: int) -> float:
     def redeem(n: int) -> None:
         commerce.redeem(
             commerce.Redeem(
-                code=plaintexts[n], account_id=f"r-{prefix}-{n}", idempotency_key=f"{prefix}{n}"
+                code=plaintexts[n],
+                account_id=f"r-{prefix}-{n}",
+                idempotency_key=f"{prefix}{n}",
+                platform_id="plt_bench",  # as a tool site redeems (see service/limits.py)
             ),
             SqlUnitOfWork(db, system_clock),
             pepper=PEPPER,

@@ -24,6 +24,19 @@ class Inbox:
         #: and the user it authenticated as (None: no AUTH).
         self.tls_versions: list[str | None] = []
         self.logins: list[str | None] = []
+        #: Per message: the envelope's recipients (RCPT TO), as the server was told them.
+        self.recipients: list[list[str]] = []
+        #: Addresses refused at RCPT TO, with the answer to give ("550 5.1.1 ...": no such
+        #: mailbox; "451 ...": greylisted).
+        self.refuse_recipients: dict[str, str] = {}
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.refuse_recipients:
+            return self.refuse_recipients[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.refuse:
@@ -31,6 +44,7 @@ class Inbox:
         parsed = message_from_bytes(envelope.original_content or b"", policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(parsed)
+        self.recipients.append(list(envelope.rcpt_tos))
         assert server.transport is not None
         tls = server.transport.get_extra_info("ssl_object")
         self.tls_versions.append(tls.version() if tls is not None else None)

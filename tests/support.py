@@ -6,9 +6,11 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Final
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -25,6 +27,21 @@ POSTGRES_URL = os.environ.get(
     "TALLY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def recent_sale_time() -> datetime:
+    """Yesterday at 10:00 UTC, for a real server that reads the wall clock: a sale that is
+    recent whenever the tests run, never on 29 February (two years on is one date)."""
+    moment = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    moment -= timedelta(days=1)
+    if (moment.month, moment.day) == (2, 29):
+        moment -= timedelta(days=1)
+    return moment
+
+
+def stamp(moment: datetime) -> str:
+    """`2026-11-21T10:00:00Z`, as processors and the API write a time."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FakeClock:
@@ -48,25 +65,95 @@ class FakeClock:
             self._now = now
 
 
-def postgres_available() -> bool:
+#: The values of `CI` (any case) that mean "not CI". Every other value counts as CI: the true
+#: ones (1, true, yes, on), and a CI system that writes its own name there, which must not turn
+#: a missing service into a skip either.
+CI_FALSE: Final = frozenset({"", "0", "false", "no", "off"})
+
+#: Why a required service was skipped in this run, in the order first seen: the end-of-run
+#: summary (tests/conftest.py) names them in one line.
+SKIPPED_SERVICES: dict[str, None] = {}
+
+
+class ServiceMisconfigured(Exception):
+    """A service answered but refused us (wrong database, refused login): never a skip."""
+
+
+def is_ci(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `CI` asks for every service: any value but unset, empty, 0, false, no or off."""
+    return environ.get("CI", "").strip().lower() not in CI_FALSE
+
+
+def require_service(missing: str | None, *, environ: Mapping[str, str] = os.environ) -> None:
+    """Nothing when the service is there (`missing` is None); otherwise fail in CI, and skip on a
+    developer machine with the reason kept for the end-of-run line."""
+    if missing is None:
+        return
+    if is_ci(environ):
+        pytest.fail(f"{missing}, and CI={environ.get('CI')!r} requires it", pytrace=False)
+    SKIPPED_SERVICES[missing] = None
+    pytest.skip(missing)
+
+
+def _refused(host: str | None, port: int, timeout: float) -> bool:
+    """Whether nothing listens where the URL points: the connection is refused (TCP), or the
+    Unix socket is absent or refused. Other network errors are raised."""
+    if host is None or host.startswith("/"):
+        path = f"{host or '/var/run/postgresql'}/.s.PGSQL.{port}"
+        with socket.socket(socket.AF_UNIX) as unix:
+            unix.settimeout(timeout)
+            try:
+                unix.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                return True
+        return False
     try:
-        engine = create_engine(make_url(POSTGRES_URL).set(drivername="postgresql+psycopg"))
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def postgres_missing(url: str, *, timeout: float = 5.0) -> str | None:
+    """None when PostgreSQL at `url` runs and lets us in; the reason when nothing listens there
+    (a refused connection is the one sign of "not running"). Any other failure (a database that
+    does not exist, a refused login, an unreachable host) raises ServiceMisconfigured."""
+    parsed = make_url(url).set(drivername="postgresql+psycopg")
+    shown = make_url(url).render_as_string()  # the password hidden
+    try:
+        if _refused(parsed.host, parsed.port or 5432, timeout):
+            return f"PostgreSQL is not running at {shown} (connection refused)"
+    except OSError as error:
+        raise ServiceMisconfigured(f"PostgreSQL at {shown} cannot be reached: {error}") from error
+    engine = create_engine(parsed, connect_args={"connect_timeout": int(timeout)})
+    try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+    except Exception as error:
+        raise ServiceMisconfigured(
+            f"PostgreSQL at {shown} answers but refuses the tests: {error}"
+        ) from error
+    finally:
         engine.dispose()
-    except Exception:
-        return False
-    return True
+    return None
+
+
+@cache
+def _postgres_probe() -> tuple[str | None, str | None]:
+    """Once per run: (why PostgreSQL is missing, why it refuses the tests)."""
+    try:
+        return postgres_missing(POSTGRES_URL), None
+    except ServiceMisconfigured as error:
+        return None, str(error)
 
 
 def require_postgres() -> None:
-    """Skip on a developer machine without PostgreSQL; fail in CI, where it is required."""
-    if postgres_available():
-        return
-    message = f"PostgreSQL is not reachable at {POSTGRES_URL}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " and CI=true requires it", pytrace=False)
-    pytest.skip(message)
+    """Skip on a developer machine where PostgreSQL is not running; fail in CI, where it is
+    required, and everywhere when it runs but refuses the tests (fix TALLY_TEST_POSTGRES_URL)."""
+    missing, refusal = _postgres_probe()
+    if refusal is not None:
+        pytest.fail(refusal, pytrace=False)
+    require_service(missing)
 
 
 @contextmanager

@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from tally.adapters import catalog_file, refunds
+from tally.adapters import catalog_file, payments, refunds
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.adapters.mail import MailboxSender, SmtpSender, Templates
 from tally.config import Settings
 from tally.domain import codes
 from tally.domain.catalog import Catalog
-from tally.domain.errors import InvalidInput
+from tally.domain.errors import ConfigurationInvalid
 from tally.service.commerce import Links
 from tally.service.group_commit import GroupCommit
 from tally.service.ports import Clock, Mailer, RefundGateway
@@ -49,7 +50,10 @@ class Tally:
     @cached_property
     def links(self) -> Links:
         base = self.settings.public_url
-        domain = base.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0] or "localhost"
+        # The Message-ID's right side: the public host, or `localhost` for an address literal
+        # such as `[::1]`, which makes no valid Message-ID domain.
+        host = urlsplit(base).hostname or ""
+        domain = host if host and ":" not in host else "localhost"
         return Links(
             redeem_url=f"{base}/redeem",
             lost_code_url=f"{base}/lost-code",
@@ -68,22 +72,30 @@ class Tally:
         return Templates()
 
     @property
-    def gumroad_token(self) -> str:
-        """The secret path token of the Gumroad webhook; in the sandbox, derived from the
-        secret key so the sandbox checkout can ping its own webhook."""
-        if self.settings.gumroad_webhook_token:
-            return self.settings.gumroad_webhook_token
-        if self.settings.payments == "sandbox":
-            return hmac.new(
-                self.secret_key.encode(), b"sandbox webhook", hashlib.sha256
-            ).hexdigest()[:32]
-        return ""  # no token configured: the webhook answers 404 to everything
+    def sandbox_token(self) -> str:
+        """The path token of the sandbox's own pings to the Gumroad webhook, derived from the
+        secret key; none when the sandbox is off (always in production)."""
+        if not self.settings.sandbox:
+            return ""
+        mac = hmac.new(self.secret_key.encode(), b"sandbox webhook", hashlib.sha256)
+        return mac.hexdigest()[:32]
 
-    @property
-    def gumroad_seller_id(self) -> str:
-        if self.settings.gumroad_seller_id:
+    def webhook_processor(self, token: str) -> str | None:
+        """Whose Gumroad-format ping this is, by the secret its path token matches (compared
+        in constant time): `gumroad` for TALLY_GUMROAD_WEBHOOK_TOKEN, `sandbox` for the
+        sandbox's own token, None for anything else. TALLY_PAYMENTS, which only says where
+        checkout sends buyers, never decides it: a real sale is never a sandbox order."""
+        gumroad = payments.matches_secret(token, self.settings.gumroad_webhook_token)
+        sandbox = payments.matches_secret(token, self.sandbox_token)
+        if gumroad:
+            return "gumroad"
+        return "sandbox" if sandbox else None
+
+    def seller_id(self, processor: str) -> str:
+        """The `seller_id` a ping to `processor` (from webhook_processor) must carry."""
+        if processor == "gumroad":
             return self.settings.gumroad_seller_id
-        return SANDBOX_SELLER_ID if self.settings.payments == "sandbox" else ""
+        return SANDBOX_SELLER_ID if processor == "sandbox" and self.settings.sandbox else ""
 
     # --- refunds and disputes (issue 5, engineer A)
     @cached_property
@@ -108,6 +120,7 @@ def group_commit(database: Database, clock: Clock) -> GroupCommit:
 
 def bootstrap(settings: Settings | None = None, *, clock: Clock = system_clock) -> Tally:
     settings = settings or Settings.from_env()
+    settings.check()
     database = connect(settings.database_url, pool_size=settings.pool_size)
     group = group_commit(database, clock)
     catalog = catalog_file.load(settings.config_path)
@@ -119,7 +132,7 @@ def secret_key(settings: Settings) -> str:
     if settings.secret_key:
         return settings.secret_key
     if settings.production:
-        raise InvalidInput("TALLY_SECRET_KEY is required when TALLY_ENV=production")
+        raise ConfigurationInvalid("TALLY_ENV=production needs TALLY_SECRET_KEY")
     if not SECRET_FILE.exists():
         SECRET_FILE.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):  # another process made it first

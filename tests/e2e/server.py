@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy
+from prometheus_client.parser import text_string_to_metric_families
 
+from tally.adapters.db.engine import normalise_url
 from tests.support import free_port, postgres_schema
 
 TALLY = str(Path(sys.executable).parent / "tally")
@@ -165,8 +168,74 @@ class Server:
         self.stop()
         self.start()
 
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        """The rows a query finds in the server's own database, read beside it (for what the
+        API does not show, such as a forged ping that must have left no row)."""
+        engine = sqlalchemy.create_engine(normalise_url(self.url))
+        try:
+            with engine.connect() as connection:
+                return list(connection.execute(sqlalchemy.text(sql), params))
+        finally:
+            engine.dispose()
+
+    def count(self, sql: str, **params: Any) -> int:
+        """`SELECT count(*) ...`'s answer."""
+        [(found,)] = self.rows(sql, **params)
+        return int(found)
+
+    def outbox(self, emails: set[str]) -> dict[str, list[str]]:
+        """address -> the statuses of the outbox rows to it, oldest first."""
+        found: dict[str, list[str]] = {email: [] for email in emails}
+        for to, status in self.rows("SELECT to_email, status FROM outbox ORDER BY created_at"):
+            if to in found:
+                found[to].append(status)
+        return found
+
+    def wait_until_sent(self, emails: set[str], timeout: float = 20.0) -> dict[str, list[str]]:
+        """Until no outbox row to these addresses is pending: the worker sends only pending
+        rows, so from then on nothing more can go to them (no sleeping against its cycle)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.outbox(emails)
+            if all(statuses and "pending" not in statuses for statuses in found.values()):
+                return found
+            assert time.monotonic() < deadline, f"still pending: {found}"
+            time.sleep(0.1)
+
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+    # --- the worker's signals (TALLY_WORKER=inline, one process) ---------------------------
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample from /metrics (0 when the series does not exist yet)."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+    def worker_runs(self, job: str) -> int:
+        """Completed runs of the in-process worker's `job` (succeeded or failed)."""
+        return int(
+            sum(
+                self.metric("tally_worker_cycles_total", job=job, outcome=outcome)
+                for outcome in ("ok", "failed")
+            )
+        )
+
+    def wait_for_worker(self, job: str = "mail", timeout: float = 30) -> None:
+        """Until a run of `job` that started after this call has completed: whatever was due
+        before the call has been handled (for mail: sent, or its failure recorded), so a test
+        can check that nothing more was sent without sleeping on the worker's period."""
+        # Runs of a job follow one another: once as many have completed as had begun, plus
+        # one, a run that began after this call has completed.
+        wanted = int(self.metric("tally_worker_starts_total", job=job)) + 1
+        deadline = time.monotonic() + timeout
+        while self.worker_runs(job) < wanted:
+            assert time.monotonic() < deadline, f"the worker's {job} job did not run"
+            time.sleep(0.05)
 
 
 @contextmanager

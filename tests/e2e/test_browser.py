@@ -14,7 +14,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 
 from tests.conftest import DATABASES
 from tests.e2e.server import running
-from tests.support import free_port
+from tests.support import free_port, require_service
 
 CHROMIUM = os.environ.get("TALLY_TEST_CHROMIUM") or shutil.which("chromium")
 CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")
@@ -22,11 +22,12 @@ CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if CHROMIUM is None:
-        message = "Chromium is not installed (Debian package `chromium`)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " and CI=true requires it", pytrace=False)
-        pytest.skip(message)
+    require_service(
+        "Chromium is not installed (Debian package `chromium`, or TALLY_TEST_CHROMIUM)"
+        if CHROMIUM is None
+        else None
+    )
+    assert CHROMIUM is not None
     with sync_playwright() as playwright:
         found = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:

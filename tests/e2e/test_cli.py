@@ -63,7 +63,7 @@ def ana(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_operator_session(cli: Cli) -> None:
-    assert "revision 0006" in cli.run("migrate").stdout
+    assert "revision 0007" in cli.run("migrate").stdout
     lot = cli.json("grant", "ana", "25", "--source", "purchase", "--reason", "Pro package")
     assert lot["amount"] == 25
     assert lot["source"] == "purchase"
@@ -113,15 +113,37 @@ def test_operator_session(cli: Cli) -> None:
         (("balance", "ana", "--at", "yesterday"), "invalid_time"),
     ],
 )
-def test_refusals_print_a_problem_and_exit_1(ana: Cli, args: tuple[str, ...], code: str) -> None:
+def test_refusals_print_a_problem_and_exit_1_and_change_nothing(
+    ana: Cli, args: tuple[str, ...], code: str
+) -> None:
+    assert _ledger(ana) == ANA
     done = ana.run(*args, ok=False)
     assert done.returncode == 1
     assert json.loads(done.stderr.strip().splitlines()[-1])["code"] == code
+    assert _ledger(ana) == ANA  # each refusal, whichever ran before it
 
 
-def test_refusals_changed_nothing(ana: Cli) -> None:
-    assert ana.json("balance", "ana")["available"] == 5
-    assert len(ana.json("entries", "ana")) == 1
+#: ana's 5 credits, as the shared database holds them: every refusal must leave exactly this.
+ANA = {"accounts": ["ana"], "entries": [("ana", "grant", 5)], "lots": [("ana", 5, 5)], "holds": 0}
+
+
+def _ledger(cli: Cli) -> dict[str, Any]:
+    """Everything a refusal could have written, read from the database beside the CLI."""
+    engine = create_engine(normalise_url(cli.url))
+    try:
+        with engine.connect() as connection:
+
+            def rows(sql: str) -> list[Any]:
+                return [tuple(row) for row in connection.execute(text(sql))]
+
+            return {
+                "accounts": [a for (a,) in rows("SELECT account_id FROM accounts")],
+                "entries": rows("SELECT account_id, type, amount FROM entries ORDER BY seq"),
+                "lots": rows("SELECT account_id, amount, remaining FROM lots"),
+                "holds": rows("SELECT count(*) FROM holds")[0][0],
+            }
+    finally:
+        engine.dispose()
 
 
 def test_check_exits_1_and_lists_violations(cli: Cli) -> None:

@@ -20,7 +20,7 @@ from tally.domain import codes
 from tests.conftest import DATABASES
 from tests.e2e.server import CODE, Server, running
 from tests.mailserver import Inbox
-from tests.support import free_port
+from tests.support import free_port, recent_sale_time, stamp
 
 TOKEN = "gumroad-path-token"
 SELLER = "seller-42"
@@ -47,11 +47,14 @@ def shop(
         yield server
 
 
+SOLD_AT = recent_sale_time()
+
+
 def _ping(sale_id: str, **fields: str) -> dict[str, str]:
     return {
         "seller_id": SELLER,
         "sale_id": sale_id,
-        "sale_timestamp": "2026-11-21T10:00:00Z",
+        "sale_timestamp": stamp(SOLD_AT),
         "order_number": "524459995",
         "product_id": "prod-pro",
         "product_permalink": "https://seller.gumroad.com/l/pro",
@@ -92,7 +95,8 @@ def test_a_gumroad_sale_is_mailed_once_and_its_code_redeems(
     assert [a.status_code for a in answers] == [200] * 4
     assert len({a.json()["order_id"] for a in answers}) == 1
     code = _code_for(box, f"{sale}@example.com")
-    time.sleep(2.5)  # the worker's next rounds must not send it again
+    # One row, sent: the worker's later rounds cannot send it again.
+    assert shop.wait_until_sent({f"{sale}@example.com"}) == {f"{sale}@example.com": ["sent"]}
     assert sum(1 for m in box.messages if m["To"] == f"{sale}@example.com") == 1
 
     key = shop.key(f"shop-{sale}")
@@ -104,7 +108,8 @@ def test_a_gumroad_sale_is_mailed_once_and_its_code_redeems(
     )
     assert lot.status_code == 201, lot.text
     assert (lot.json()["amount"], lot.json()["source"]) == (25, "purchase")
-    assert lot.json()["expires_at"].startswith("2028-11-21T10:00:00")  # from the purchase date
+    two_years_on = SOLD_AT.replace(year=SOLD_AT.year + 2)  # from the purchase date
+    assert lot.json()["expires_at"] == stamp(two_years_on)
     again = httpx.post(
         f"{shop.base_url}/v1/redemptions",
         json={"code": code, "account_id": "someone-else"},
@@ -120,19 +125,48 @@ def test_a_gumroad_sale_is_mailed_once_and_its_code_redeems(
     )
 
 
+_TABLES = ("orders", "codes", "outbox", "processor_events", "unmatched_pings")
+
+
+def _totals(shop: Server) -> dict[str, int]:
+    """How many rows each commerce table holds (the worker only updates the outbox's)."""
+    return {table: shop.count(f"SELECT count(*) FROM {table}") for table in _TABLES}
+
+
+def _orders_of(shop: Server, sale_prefix: str) -> int:
+    return shop.count(
+        "SELECT count(*) FROM orders WHERE sale_id LIKE :sale", sale=f"{sale_prefix}%"
+    )
+
+
 def test_forged_pings_change_nothing(shop: Server) -> None:
     sale = f"f{secrets.token_hex(4)}"
-    wrong_token = httpx.post(f"{shop.base_url}/webhooks/gumroad/guess", data=_ping(sale))
-    wrong_seller = httpx.post(
-        f"{shop.base_url}/webhooks/gumroad/{TOKEN}", data=_ping(sale, seller_id="other")
+    before = _totals(shop)
+    url = f"{shop.base_url}/webhooks/gumroad/{TOKEN}"
+    wrong_token = httpx.post(f"{shop.base_url}/webhooks/gumroad/guess", data=_ping(f"{sale}t"))
+    wrong_seller = httpx.post(url, data=_ping(f"{sale}s", seller_id="other"))
+    no_seller = httpx.post(
+        url, data={k: v for k, v in _ping(f"{sale}n").items() if k != "seller_id"}
     )
-    assert (wrong_token.status_code, wrong_seller.status_code) == (404, 404)
+    assert [r.status_code for r in (wrong_token, wrong_seller, no_seller)] == [404, 404, 404]
+    # Nothing at all was written: no order, code, email, event or unmatched ping.
+    assert _totals(shop) == before
+    assert _orders_of(shop, sale) == 0
+    assert shop.count("SELECT count(*) FROM outbox WHERE to_email LIKE :e", e=f"{sale}%") == 0
+
     unknown = httpx.post(
-        f"{shop.base_url}/webhooks/gumroad/{TOKEN}",
-        data=_ping(sale, product_permalink="https://x.gumroad.com/l/mystery", product_id="?"),
+        url,
+        data=_ping(f"{sale}u", product_permalink="https://x.gumroad.com/l/mystery", product_id="?"),
     )
     assert unknown.status_code == 200
     assert unknown.json()["ignored"] == "unknown product"
+    # Kept for support, and nothing else.
+    assert _totals(shop) == {**before, "unmatched_pings": before["unmatched_pings"] + 1}
+    [kept] = shop.rows(
+        "SELECT sale_id, processor FROM unmatched_pings WHERE sale_id LIKE :s", s=f"{sale}%"
+    )
+    assert tuple(kept) == (f"{sale}u", "gumroad")
+
     key = shop.key(f"support-{sale}", "support")
     missing = httpx.get(
         f"{shop.base_url}/v1/codes/{codes.display(codes.new_code())}",
@@ -163,7 +197,7 @@ def _session_event(session_id: str, **metadata: str) -> dict[str, Any]:
                 "payment_status": "paid",
                 "amount_total": 900,
                 "currency": "usd",
-                "created": 1_795_000_000,
+                "created": int(SOLD_AT.timestamp()),
                 "livemode": False,
                 "customer_details": {"email": f"{session_id}@example.com"},
                 "metadata": {"package": "popular", **metadata},
@@ -181,6 +215,8 @@ def test_stripe_events_are_verified_and_fulfil_once(shop: Server, inbox: tuple[I
     stale = httpx.post(url, **_stripe(event, age=301))
     unsigned = httpx.post(url, content=json.dumps(event))
     assert [r.status_code for r in (forged, stale, unsigned)] == [400, 400, 400]
+    assert _orders_of(shop, session) == 0  # refused before anything was written
+    assert shop.count("SELECT count(*) FROM outbox WHERE to_email LIKE :e", e=f"%{session}%") == 0
     first = httpx.post(url, **_stripe(event))
     second = httpx.post(url, **_stripe(event))
     assert (first.status_code, second.status_code) == (200, 200)

@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,6 +32,17 @@ SELLER = "seller-reconcile"
 ACCESS_TOKEN = "gumroad-reconcile-token"
 GUMROAD_PAGE = 3
 STRIPE_PAGE = 2
+
+#: Every date relative to today: the sales were made RECENT, inside the window from SINCE, all
+#: but one made OLD, before it (a fixed date would pass only before or only after it).
+_TODAY = datetime.now(UTC).replace(hour=9, minute=30, second=0, microsecond=0)
+RECENT = _TODAY - timedelta(days=17)
+OLD = _TODAY - timedelta(days=67)
+SINCE = (_TODAY - timedelta(days=36)).date().isoformat()
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Processors(FakeApi):
@@ -153,7 +164,7 @@ def _gumroad_sale(sale_id: str, **fields: Any) -> dict[str, Any]:
         "id": sale_id,
         "email": f"{sale_id}@example.com",
         "seller_id": SELLER,
-        "created_at": "2026-11-20T09:30:00Z",
+        "created_at": _stamp(RECENT),
         "product_name": "Pro",
         "product_id": "prod-pro",
         "product_permalink": "pro",
@@ -176,7 +187,7 @@ def _session(session_id: str, **fields: Any) -> dict[str, Any]:
         "object": "checkout.session",
         "status": "complete",
         "payment_status": "paid",
-        "created": 1_795_167_000,  # 2026-11-20T09:30:00Z
+        "created": int(RECENT.timestamp()),
         "amount_total": 6000,
         "currency": "usd",
         "livemode": False,
@@ -231,7 +242,7 @@ def test_missed_sales_are_fulfilled_once(
         ),
         _gumroad_sale(g[6], chargedback=True),
         _gumroad_sale(g[7], quantity=2, product_permalink="https://x.gumroad.com/l/pro"),
-        _gumroad_sale(g[8], created_at="2026-10-01T00:00:00Z"),  # before --since
+        _gumroad_sale(g[8], created_at=_stamp(OLD)),  # before --since
     ]
     s = [f"cs_test_{tag}{n}" for n in range(4)]
     processors.stripe = [
@@ -256,7 +267,7 @@ def test_missed_sales_are_fulfilled_once(
 
         # Gumroad fails on page 2 of 3: nothing of Gumroad's is fulfilled, exit status 1.
         processors.fail_on_page = 2
-        status, reports = _reconcile(server, "--since", "2026-11-01")
+        status, reports = _reconcile(server, "--since", SINCE)
         assert status == 1
         assert "502" in reports["gumroad"]["error"]
         assert reports["gumroad"]["fulfilled"] == 0
@@ -266,11 +277,11 @@ def test_missed_sales_are_fulfilled_once(
         assert reports["stripe"]["skipped"] == {"not paid": 1}
 
         processors.fail_on_page = None
-        status, reports = _reconcile(server, "--since", "2026-11-01")
+        status, reports = _reconcile(server, "--since", SINCE)
         assert status == 0, reports
         gumroad = reports["gumroad"]
         assert gumroad["error"] is None
-        assert gumroad["listed"] == 8  # three pages; the October sale is before --since
+        assert gumroad["listed"] == 8  # three pages; the OLD sale is before --since
         assert sorted(gumroad["fulfilled_sale_ids"]) == sorted([g[5], g[7]])
         assert gumroad["already_fulfilled"] == 1
         assert gumroad["skipped"] == {"refunded": 1, "test": 1, "gift sender": 1, "disputed": 1}
@@ -279,7 +290,7 @@ def test_missed_sales_are_fulfilled_once(
         assert reports["stripe"]["already_fulfilled"] == 2
         pages = [q for path, q in processors.requests if path == "/v2/sales"]
         assert [q.get("page_key") for q in pages[-3:]] == [None, ["k3"], ["k6"]]
-        assert all(q["after"] == ["2026-11-01"] for q in pages)
+        assert all(q["after"] == [SINCE] for q in pages)
 
         orders = _orders(server)
         assert orders[g[0]] == ("gumroad", 25, f"{g[0]}@example.com")
@@ -290,7 +301,7 @@ def test_missed_sales_are_fulfilled_once(
         assert len(orders) == 5
 
         # Re-running changes nothing: no order, no unmatched record, no email.
-        status, reports = _reconcile(server, "--since", "2026-11-01")
+        status, reports = _reconcile(server, "--since", SINCE)
         assert status == 0
         assert reports["gumroad"]["fulfilled"] == 0
         assert reports["gumroad"]["already_fulfilled"] == 3
@@ -305,14 +316,15 @@ def test_missed_sales_are_fulfilled_once(
         while {m["To"] for m in box.messages} & mine != mine:
             assert time.monotonic() < deadline, "the fulfilled sales' emails did not arrive"
             time.sleep(0.1)
-        time.sleep(2.5)
+        assert server.wait_until_sent(mine) == {email: ["sent"] for email in mine}
         assert sum(1 for m in box.messages if m["To"] in mine) == 5
         assert not [m for m in box.messages if m["To"] == f"gifter-{tag}@example.com"]
 
         bad = server._run("reconcile", "--since", "yesterday")
         assert bad.returncode == 1
         assert json.loads(bad.stderr)["code"] == "invalid_input"
-        future = server._run("reconcile", "--since", "2999-01-01")
+        later = (datetime.now(UTC) + timedelta(days=2)).date().isoformat()
+        future = server._run("reconcile", "--since", later)
         assert future.returncode == 1
 
 
@@ -321,11 +333,12 @@ def test_a_gumroad_answer_that_is_not_json_is_gumroads_failure(processors: Proce
     processors.gumroad = [_gumroad_sale(f"t{n}") for n in range(5)]
     processors.text_on_page = 2
     source = GumroadSales(processors.base_url, ACCESS_TOKEN, builtin())
-    listed = source.sales(date(2026, 11, 1), datetime(2026, 11, 21, tzinfo=UTC))
+    since = date.fromisoformat(SINCE)
+    listed = source.sales(since, datetime.now(UTC))
     with pytest.raises(ProcessorFailed, match="Gumroad answered something other than JSON"):
         list(listed)
     processors.text_on_page = None
-    found = list(source.sales(date(2026, 11, 1), datetime(2026, 11, 21, tzinfo=UTC)))
+    found = list(source.sales(since, datetime.now(UTC)))
     assert len(found) == 5
 
 

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,12 +14,14 @@ import pytest
 from tally.adapters.db.engine import Database
 from tally.adapters.db.uow import SqlUnitOfWork
 from tally.domain.errors import (
+    AccountNotFound,
     ApiKeyInvalid,
     HoldNotFound,
     IdempotencyKeyReused,
     InsufficientCredits,
+    InvalidTime,
 )
-from tally.domain.model import Debit
+from tally.domain.model import Debit, Lot
 from tally.service import ledger, platforms
 from tally.service.changes import run_async
 from tally.service.group_commit import GroupCommit
@@ -461,3 +464,33 @@ def test_a_leader_with_company_pauses_until_callers_stop_arriving(
     assert (group.batches - batches, group.changes - changes) == (1, 2)
     committed_together(group)
     assert ledger.get_balance("co", uow).available == 8
+
+
+def test_a_batch_creates_no_account(db: Database, clock: FakeClock) -> None:
+    """A grant creates its own account only, and only if it succeeds: a change to an account
+    that does not exist answers as it would alone."""
+    group, uow = grouped(db, clock)
+    ledger.grant(ledger.GrantCredits(account_id="dee", amount=10, idempotency_key="g"), uow)
+    past = clock() - timedelta(minutes=1)
+
+    def call(change: Callable[..., Any], **fields: Any) -> Callable[[], Any]:
+        command = {ledger.grant: ledger.GrantCredits, ledger.debit: ledger.DebitCredits}
+        return lambda: change(command[change](**fields), uow)
+
+    results = one_batch(
+        group,
+        [
+            call(ledger.grant, account_id="eve", amount=5, idempotency_key="g1"),
+            call(ledger.debit, account_id="bob", amount=1, idempotency_key="d2"),
+            call(ledger.grant, account_id="cy", amount=5, expires_at=past, idempotency_key="g2"),
+            call(ledger.debit, account_id="dee", amount=4, idempotency_key="d3"),
+        ],
+    )
+    assert [type(r) for r in results] == [Lot, AccountNotFound, InvalidTime, Debit]
+    assert ledger.get_balance("eve", uow).available == 5
+    assert ledger.get_balance("dee", uow).available == 6
+    for absent in ("bob", "cy"):
+        with pytest.raises(AccountNotFound):
+            ledger.get_balance(absent, uow)
+    assert ledger.check(uow).violations == []
+    committed_together(group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,3 +103,75 @@ def test_the_dev_mailbox_keeps_one_file_per_message(tmp_path: Path) -> None:
     mailbox.send(_email(), NOW)  # a resend of the same message replaces it
     (message,) = mailbox.messages()
     assert message["Message-ID"] == "<ord_123.1@tally.test>"
+
+
+def test_the_envelope_names_exactly_the_one_stored_address(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    SmtpSender(f"smtp://127.0.0.1:{port}").send(_email(), NOW)
+    assert inbox.recipients == [["ana@example.com"]]
+    (received,) = inbox.messages
+    assert received["To"] == "ana@example.com"
+    assert received["Cc"] is None
+    assert received["Bcc"] is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ana@example.com, eve@evil.example",  # a list
+        "ana@example.com;eve@evil.example",
+        "Ana <eve@evil.example>",  # a display name naming another mailbox
+        "eve@evil.example (ana@example.com)",  # a comment
+        "ana@example.com\r\nBcc: eve@evil.example",  # a header injection
+        "ana@example.com\nBcc: eve@evil.example",
+        "ana@example.com\r\n\r\nforged body",
+        " ana@example.com",
+        "ana@",
+        "",
+    ],
+)
+def test_an_unusable_address_refuses_the_message_and_sends_nothing(
+    smtp: tuple[Inbox, int], tmp_path: Path, address: str
+) -> None:
+    inbox, port = smtp
+    email = dataclasses.replace(_email(), to=address)
+    with pytest.raises(MailRefused, match="unusable recipient address"):
+        SmtpSender(f"smtp://127.0.0.1:{port}").send(email, NOW)
+    with pytest.raises(MailRefused, match="unusable recipient address"):
+        MailboxSender(tmp_path / "mailbox").send(email, NOW)
+    assert inbox.messages == []
+    assert inbox.recipients == []
+    assert MailboxSender(tmp_path / "mailbox").messages() == []
+
+
+def test_a_line_break_in_the_subject_cannot_start_a_header(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    email = dataclasses.replace(_email(), subject="Your credits\r\nBcc: eve@evil.example")
+    SmtpSender(f"smtp://127.0.0.1:{port}").send(email, NOW)
+    (received,) = inbox.messages
+    assert received["Subject"] == "Your credits Bcc: eve@evil.example"
+    assert received["Bcc"] is None
+    assert inbox.recipients == [["ana@example.com"]]
+
+
+def test_a_recipient_refused_with_550_is_final(
+    smtp: tuple[Inbox, int],
+) -> None:
+    inbox, port = smtp
+    inbox.refuse_recipients["ana@example.com"] = "550 5.1.1 no such mailbox here"
+    sender = SmtpSender(f"smtp://127.0.0.1:{port}")
+    with pytest.raises(MailRefused) as refused:
+        sender.send(_email(), NOW)
+    assert str(refused.value) == "recipient refused: 550 5.1.1 no such mailbox here"
+    assert inbox.messages == []
+
+
+def test_a_refusal_at_rcpt_that_is_temporary_is_retried(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    inbox.refuse_recipients["ana@example.com"] = "451 4.7.1 greylisted, come back later"
+    with pytest.raises(MailTemporary) as later:
+        SmtpSender(f"smtp://127.0.0.1:{port}").send(_email(), NOW)
+    assert str(later.value) == "recipient refused for now: 451 4.7.1 greylisted, come back later"
+    del inbox.refuse_recipients["ana@example.com"]
+    SmtpSender(f"smtp://127.0.0.1:{port}").send(_email(), NOW)
+    assert inbox.recipients == [["ana@example.com"]]

@@ -24,7 +24,7 @@ from tests.support import database
 def test_migrations_match_the_declared_schema(kind: str, tmp_path: Path) -> None:
     with database(kind, str(tmp_path), create=False) as db:
         upgrade(db)
-        assert current(db) == "0006"
+        assert current(db) == "0007"
         upgrade(db)  # running it again changes nothing
         with db.engine.connect() as connection:
             diff = compare_metadata(MigrationContext.configure(connection), metadata)

@@ -5,14 +5,16 @@ support's order search."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from tally.adapters.db.engine import Database
@@ -23,9 +25,11 @@ from tally.adapters.mail import Templates
 from tally.domain import codes, values
 from tally.domain.commerce import CodeStatus, Order, OrderStatus, Sale
 from tally.domain.errors import (
+    AccountNotFound,
     CodeAlreadyRedeemed,
     CodeInvalidOrUsed,
     IdempotencyKeyReused,
+    InvalidEmail,
     InvalidIdempotencyKey,
     InvalidInput,
     OrderExpired,
@@ -214,35 +218,180 @@ def test_concurrent_reissues_with_one_key_make_one_code(
         assert sorted(s for s, _ in _codes(db, order.id)) == ["issued", "void"]
 
 
+class _Paused(SqlUnitOfWork):
+    """A unit of work that, once its commerce repository's `method` has returned (the rows it
+    locks are locked), sets `holding` and waits for `go`: it keeps its transaction open while
+    the other side starts."""
+
+    def __init__(self, db: Database, clock: FakeClock, method: str) -> None:
+        super().__init__(db, clock)
+        self.method = method
+        self.holding = threading.Event()
+        self.go = threading.Event()
+
+    def __enter__(self) -> Self:
+        entered = super().__enter__()
+        real = getattr(self.commerce, self.method)
+
+        def held(*args: Any) -> Any:
+            found = real(*args)
+            self.holding.set()
+            assert self.go.wait(30), "the test never let the first side go"
+            return found
+
+        setattr(self.commerce, self.method, held)
+        return entered
+
+
+class _Watched(SqlUnitOfWork):
+    """A unit of work that tells which database session it runs in (PostgreSQL's backend pid)
+    or, on SQLite, that it is about to wait for the in-process write lock."""
+
+    def __init__(self, db: Database, clock: FakeClock) -> None:
+        super().__init__(db, clock)
+        self.pids: list[int] = []
+        self.starting = threading.Event()
+
+    def __enter__(self) -> Self:
+        self.starting.set()
+        entered = super().__enter__()
+        if self.database.dialect == "postgresql":
+            assert self._connection is not None
+            driver = self._connection.connection.driver_connection
+            assert driver is not None
+            self.pids.append(driver.info.backend_pid)
+        return entered
+
+
+def _wait_until_blocked(db: Database, second: _Watched) -> None:
+    """Until the second side waits for the first one's locks: on PostgreSQL its session waits on
+    a lock; on SQLite it has begun taking the write lock the first side holds."""
+    assert second.starting.wait(30)
+    if db.dialect != "postgresql":
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if second.pids:
+            with db.engine.connect() as connection:
+                waiting = connection.execute(
+                    text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": second.pids[-1]},
+                ).scalar()
+            if waiting == "Lock":
+                return
+        time.sleep(0.01)
+    raise AssertionError("the second side never waited for the first one's locks")
+
+
+def _race_setup(db: Database, clock: FakeClock, sale_id: str = "sale-1") -> tuple[Order, str]:
+    uow = SqlUnitOfWork(db, clock)
+    _deliver(uow)  # an earlier round's replacement code
+    order = _buy(uow, clock, sale_id)
+    [purchase] = _deliver(uow)
+    return order, _code_in(purchase)
+
+
+def _credits(db: Database, clock: FakeClock, account: str) -> list[int]:
+    """The amounts of the account's lots; none when the account was never credited."""
+    try:
+        page, _ = ledger.list_lots(account, SqlUnitOfWork(db, clock))
+    except AccountNotFound:
+        return []
+    return [lot.amount for lot in page.items]
+
+
+def _reissue_outcome(uow: SqlUnitOfWork, order_id: str) -> str:
+    try:
+        _reissue(uow, order_id, key=f"r-{order_id}")
+    except CodeAlreadyRedeemed:
+        return "refused"
+    return "reissued"
+
+
+def _redeem_outcome(uow: SqlUnitOfWork, code: str) -> str:
+    try:
+        _redeem(uow, code)
+    except CodeInvalidOrUsed:
+        return "refused"
+    return "redeemed"
+
+
+@pytest.mark.parametrize("first", ["reissue", "redeem"])
 @pytest.mark.parametrize("kind", DATABASES)
 def test_a_reissue_racing_a_redemption_leaves_one_usable_code(
+    kind: str, first: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Both orders, every run: the first side stops inside its transaction with its rows
+    locked; the second starts and is seen waiting for those locks; then the first goes on."""
+    with database(kind, str(tmp_path)) as db:
+        order, code = _race_setup(db, clock)
+        held = _Paused(
+            db, clock, "codes_of_order_for_update" if first == "reissue" else "code_for_update"
+        )
+        waiting = _Watched(db, clock)
+        reissuer, redeemer = (held, waiting) if first == "reissue" else (waiting, held)
+        with ThreadPoolExecutor(2) as pool:
+            if first == "reissue":
+                one = pool.submit(_reissue_outcome, reissuer, order.id)
+                assert held.holding.wait(30)
+                other = pool.submit(_redeem_outcome, redeemer, code)
+            else:
+                one = pool.submit(_redeem_outcome, redeemer, code)
+                assert held.holding.wait(30)
+                other = pool.submit(_reissue_outcome, reissuer, order.id)
+            _wait_until_blocked(db, waiting)
+            held.go.set()
+            outcome = (one.result(30), other.result(30))
+        states = [s for s, _ in _codes(db, order.id)]
+        if first == "reissue":
+            # The redemption waited, then read the voided code: refused.
+            assert outcome == ("reissued", "refused")
+            assert states == ["void", "issued"]
+            assert _credits(db, clock, "ana") == []
+        else:
+            # The reissue waited, then read the redeemed code: refused, nothing issued.
+            assert outcome == ("redeemed", "refused")
+            assert states == ["redeemed"]
+            assert _credits(db, clock, "ana") == [25]
+        assert ledger.check(SqlUnitOfWork(db, clock)).violations == []
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_a_reissue_and_a_redemption_started_together_leave_one_usable_code(
     kind: str, tmp_path: Path, clock: FakeClock
 ) -> None:
+    """Unsteered: both released by one barrier, several times; whichever wins, the other is
+    refused and exactly one code can still give credits."""
     with database(kind, str(tmp_path)) as db:
-        uow = SqlUnitOfWork(db, clock)
-        order = _buy(uow, clock)
-        code = _code_in(_deliver(uow)[0])
+        for round_ in range(6):
+            order, code = _race_setup(db, clock, f"sale-{round_}")
+            account = f"ana-{round_}"
+            barrier = threading.Barrier(2)
 
-        def reissue() -> str:
-            try:
-                _reissue(SqlUnitOfWork(db, clock), order.id)
-            except CodeAlreadyRedeemed:
-                return "refused"
-            return "reissued"
+            def reissue(order_id: str = order.id, barrier: threading.Barrier = barrier) -> str:
+                barrier.wait(10)
+                return _reissue_outcome(SqlUnitOfWork(db, clock), order_id)
 
-        def redeem() -> str:
-            try:
-                _redeem(SqlUnitOfWork(db, clock), code)
-            except CodeInvalidOrUsed:
-                return "refused"
-            return "redeemed"
+            def redeem(
+                code: str = code, account: str = account, barrier: threading.Barrier = barrier
+            ) -> str:
+                barrier.wait(10)
+                try:
+                    _redeem(SqlUnitOfWork(db, clock), code, account=account, key=account)
+                except CodeInvalidOrUsed:
+                    return "refused"
+                return "redeemed"
 
-        with ThreadPoolExecutor(2) as pool:
-            outcome = {pool.submit(reissue).result(), pool.submit(redeem).result()}
-        states = sorted(s for s, _ in _codes(db, order.id))
-        # Either the redemption won (no replacement) or the reissue did (old code refused).
-        assert outcome in ({"redeemed", "refused"}, {"reissued", "refused"})
-        assert states in (["redeemed"], ["issued", "void"])
+            with ThreadPoolExecutor(2) as pool:
+                reissued, redeemed = pool.submit(reissue), pool.submit(redeem)
+                outcome = (reissued.result(30), redeemed.result(30))
+            states = [s for s, _ in _codes(db, order.id)]
+            assert (outcome, states) in (
+                (("reissued", "refused"), ["void", "issued"]),
+                (("refused", "redeemed"), ["redeemed"]),
+            )
+            assert _credits(db, clock, account) == ([25] if outcome[1] == "redeemed" else [])
+        assert ledger.check(SqlUnitOfWork(db, clock)).violations == []
 
 
 # --- the /lost-code path ----------------------------------------------------------------------
@@ -299,13 +448,21 @@ def test_the_page_is_rate_limited_per_client_address(uow: SqlUnitOfWork, clock: 
 
 
 @pytest.mark.parametrize(
-    ("email", "number"),
-    [("", ""), ("a@b.c", ""), ("x" * 400, "1"), ("a@b.c", "1" * 200), ("a\x00@b.c", "1\x00")],
+    ("email", "number"), [("a@b.c", ""), ("a@b.c", "1" * 200), ("a@b.c", "1\x00")]
 )
 def test_the_page_takes_junk_without_a_word(
     uow: SqlUnitOfWork, clock: FakeClock, email: str, number: str
 ) -> None:
     _lost(uow, email, number)
+    assert _deliver(uow) == []
+
+
+@pytest.mark.parametrize("email", ["", "x" * 400, "a\x00@b.c", "a@b.c\r\nBcc: c@d.e"])
+def test_the_page_refuses_what_is_not_an_address(
+    uow: SqlUnitOfWork, clock: FakeClock, email: str
+) -> None:
+    with pytest.raises(InvalidEmail):
+        _lost(uow, email, "1")
     assert _deliver(uow) == []
 
 

@@ -19,8 +19,10 @@ from tally.domain.model import (
     Account,
     EntryType,
     HoldStatus,
+    Lot,
     Origin,
     account_at,
+    allocate,
     debt_effect,
     lot_effect,
 )
@@ -77,6 +79,80 @@ def test_priority_breaks_ties_on_equal_expiry() -> None:
     ).id
     debit = acct.debit(amount=4, now=T0, origin=ORIGIN)
     assert [(a.lot_id, a.amount) for a in debit.allocations] == [(second, 3), (first, 1)]
+
+
+def _lot(lot_id: str, *, expires: datetime | None, priority: int, created: datetime) -> Lot:
+    return Lot(lot_id, "alice", "gift", 1, 1, expires, priority, created)
+
+
+LATER = T0 + timedelta(days=30)
+SOONER = T0 + timedelta(days=10)
+OLD = T0 - timedelta(days=5)
+NEW = T0 - timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # Each case: the keys after the deciding one all point the other way.
+        pytest.param(
+            _lot("lot_b", expires=SOONER, priority=9, created=NEW),
+            _lot("lot_a", expires=LATER, priority=0, created=OLD),
+            id="sooner expiry beats priority, age and id",
+        ),
+        pytest.param(
+            _lot("lot_b", expires=LATER, priority=9, created=NEW),
+            _lot("lot_a", expires=None, priority=-9, created=OLD),
+            id="any expiry beats never",
+        ),
+        pytest.param(
+            _lot("lot_b", expires=SOONER, priority=0, created=NEW),
+            _lot("lot_a", expires=SOONER, priority=1, created=OLD),
+            id="same expiry: lower priority beats age and id",
+        ),
+        pytest.param(
+            _lot("lot_b", expires=None, priority=0, created=NEW),
+            _lot("lot_a", expires=None, priority=1, created=OLD),
+            id="never expiring: lower priority beats age and id",
+        ),
+        pytest.param(
+            _lot("lot_b", expires=SOONER, priority=3, created=OLD),
+            _lot("lot_a", expires=SOONER, priority=3, created=NEW),
+            id="same expiry and priority: older beats id",
+        ),
+        pytest.param(
+            _lot("lot_a", expires=SOONER, priority=3, created=OLD),
+            _lot("lot_b", expires=SOONER, priority=3, created=OLD),
+            id="all equal: the id decides, so the order is total",
+        ),
+    ],
+)
+def test_each_spending_tie_break_alone(first: Lot, second: Lot) -> None:
+    """Rule 3, one key at a time: soonest expiry (never last), then priority, then oldest."""
+    for lots in ([first, second], [second, first]):
+        taken = allocate(lots, 1, T0)
+        assert [(a.lot_id, a.amount) for a in taken] == [(first.id, 1)]
+        both = allocate(lots, 2, T0)
+        assert [(a.lot_id, a.amount) for a in both] == [(first.id, 1), (second.id, 1)]
+
+
+def test_the_same_tie_breaks_through_the_account() -> None:
+    """Same expiry: the lower priority goes first although it is newer; same expiry and
+    priority: the older goes first."""
+    acct = account()
+    expires = T0 + timedelta(days=30)
+
+    def gift(priority: int, at: datetime) -> str:
+        return acct.grant(
+            amount=2, source="gift", expires_at=expires, priority=priority, now=at, origin=ORIGIN
+        ).id
+
+    old_high = gift(5, T0)
+    old_low = gift(1, T0 + timedelta(hours=1))
+    new_low = gift(1, T0 + timedelta(hours=2))
+    new_lowest = gift(0, T0 + timedelta(hours=3))
+    debit = acct.debit(amount=8, now=T0 + timedelta(hours=4), origin=ORIGIN)
+    assert [a.lot_id for a in debit.allocations] == [new_lowest, old_low, new_low, old_high]
 
 
 def test_partial_capture_keeps_soonest_lots_and_returns_the_rest() -> None:

@@ -6,7 +6,14 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from tally.domain import values
-from tally.domain.errors import InvalidAmount, InvalidDuration, InvalidIdempotencyKey, InvalidTime
+from tally.domain.errors import (
+    InvalidAmount,
+    InvalidDuration,
+    InvalidEmail,
+    InvalidIdempotencyKey,
+    InvalidInput,
+    InvalidTime,
+)
 
 
 @pytest.mark.parametrize("good", [1, 5, 2**53, "7", " 12 "])
@@ -144,3 +151,63 @@ def test_the_fast_path_writes_sqlite_times_as_sqlalchemy_does(moment: datetime) 
     text = _encode_sqlite(moment)
     assert text == moment.astimezone(UTC).strftime(SQLITE_TIME_FORMAT)
     assert decode_time(text) == moment
+
+
+# --- email addresses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("ana@example.com", "ana@example.com"),
+        ("Ana.Lee+credits@EXAMPLE.Com", "Ana.Lee+credits@example.com"),  # the local part's case
+        ("  ana@example.com\t", "ana@example.com"),  # spaces around are typing
+        ("ana@münchen.de", "ana@xn--mnchen-3ya.de"),  # mail leaves in ASCII
+        ("a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 57 + ".com", None),
+    ],
+)
+def test_email_keeps_one_bare_address_normalised(given: str, kept: str | None) -> None:
+    assert len(given.strip()) <= values.EMAIL_MAX_LENGTH
+    assert values.email(given) == (kept or given)
+
+
+@pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        ("a@x.com\r\nBcc: evil@x.com", "The part after the @-sign contains invalid characters"),
+        ("a@x.com\n", "The part after the @-sign contains invalid characters: U+000A."),
+        ("a@x.com\r", "The part after the @-sign contains invalid characters: U+000D."),
+        (
+            '"Evil" <a@x.com>',
+            "A display name and angle brackets around the email address are not permitted here.",
+        ),
+        ("<a@x.com>", "A display name and angle brackets"),
+        ("a@x.com, b@y.com", "The part after the @-sign contains invalid characters: ',', '@'"),
+        ("a@x.com;b@y.com", "The part after the @-sign contains invalid characters"),
+        ("a\x00@x.com", "The email address contains invalid characters before the @-sign: U+0000."),
+        ("a b@x.com", "The email address contains invalid characters before the @-sign: SPACE."),
+        ("é@x.com", "Internationalized characters before the @-sign are not supported: 'é'."),
+        ('"a b"@x.com', "Quoting the part before the @-sign is not allowed here."),
+        ("a@[127.0.0.1]", "A bracketed IP address after the @-sign is not allowed here."),
+        ("", "An email address must have an @-sign."),
+        ("ana", "An email address must have an @-sign."),
+        ("a@b", "The part after the @-sign is not valid. It should have a period."),
+        ("a@x.test", "The part after the @-sign is a special-use or reserved name"),
+        ("a" * 243 + "@example.com", "it is longer than 254 characters"),
+        ("a" * 288 + "@example.com", "it is longer than 254 characters"),
+    ],
+)
+def test_email_refuses_all_but_one_bare_address(given: str, reason: str) -> None:
+    with pytest.raises(InvalidEmail) as refused:
+        values.email(given)
+    problem = refused.value.problem()
+    assert (problem["status"], problem["code"], problem["field"]) == (422, "invalid_email", "email")
+    assert problem["reason"].startswith(reason)
+    assert problem["detail"] == f"email is not one email address: {problem['reason']}"
+    assert isinstance(refused.value, InvalidInput)
+
+
+def test_email_names_the_field_and_refuses_what_is_not_text() -> None:
+    with pytest.raises(InvalidEmail) as refused:
+        values.email(None, field="gifter_email")  # type: ignore[arg-type]
+    assert refused.value.extra == {"field": "gifter_email", "reason": "it is not text"}

@@ -6,6 +6,11 @@ The server's certificate is always verified, against the system's CAs or, when
 `TALLY_SMTP_CA_FILE` names a PEM file, against that file's CAs only (a private mail server).
 `MailboxSender` writes each message as an .eml file under ./var/mailbox, the page
 `/dev/mailbox` shows them. Both raise `MailTemporary` (retry later) or `MailRefused` (do not).
+
+Each message goes to exactly one address: the stored one, parsed by the email package as one
+bare addr-spec (`recipient`), given to the server as the only envelope recipient and written
+into the headers by the `email` policy, never as raw text. A display name, a list, a comment or
+a line break in stored data refuses that message; it can never add a recipient or a header.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import smtplib
 import ssl
 from datetime import UTC, datetime
 from email import policy
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
@@ -34,14 +40,30 @@ MAILBOX_LIST_MAX: Final = 200
 _MESSAGE_ID: Final = re.compile(r"<[A-Za-z0-9._-]{1,100}@[A-Za-z0-9.-]{1,100}>")
 
 
+def recipient(address: str) -> Address:
+    """The one address a message goes to. Anything but a single bare addr-spec, exactly as
+    stored (a display name, a comma list, a comment, CR or LF, surrounding spaces), is
+    refused for good: the message fails, and nothing is guessed from it."""
+    try:
+        parsed = Address(addr_spec=address)
+    except Exception as error:  # the email package raises several kinds on malformed input
+        raise MailRefused(f"unusable recipient address {address!r}: {error}") from error
+    if parsed.addr_spec != address or not parsed.domain:
+        raise MailRefused(f"unusable recipient address {address!r}: not one bare address")
+    return parsed
+
+
 def mime(email: Email, now: datetime) -> EmailMessage:
-    assert _MESSAGE_ID.fullmatch(email.message_id), email.message_id
-    message = EmailMessage()
+    """The message for `email`, with every header built by the email package's policy, which
+    refuses CR and LF in a value instead of letting it start a header of its own."""
+    if not _MESSAGE_ID.fullmatch(email.message_id):
+        raise MailRefused(f"unusable Message-ID {email.message_id!r}")
+    message = EmailMessage(policy=policy.default)
     message["Message-ID"] = email.message_id
     message["Date"] = format_datetime(now.astimezone(UTC))
     message["From"] = email.sender
-    message["To"] = email.to
-    message["Subject"] = email.subject
+    message["To"] = recipient(email.to)
+    message["Subject"] = " ".join(email.subject.split())  # one line, whatever it held
     message.set_content(email.text)
     message.add_alternative(email.html, subtype="html")
     return message
@@ -82,6 +104,9 @@ class SmtpSender:
 
     def send(self, email: Email, now: datetime) -> None:
         context = self.context
+        message = mime(email, now)  # MailRefused before any connection when it cannot be sent
+        to = recipient(email.to).addr_spec
+        sender = _sender(message)
         try:
             if self.tls:
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
@@ -96,11 +121,24 @@ class SmtpSender:
                     smtp.ehlo()
                 if self.user is not None:
                     smtp.login(self.user, self.password or "")
-                smtp.send_message(mime(email, now))
+                # The envelope names the one recipient itself: smtplib would otherwise take
+                # every address it finds in the To, Cc and Bcc headers.
+                smtp.send_message(message, from_addr=sender, to_addrs=[to])
+        except smtplib.SMTPRecipientsRefused as error:
+            # The server refused the recipient at RCPT: 5xx is for good (no such mailbox),
+            # 4xx is for now (greylisting, a full mailbox).
+            answers = list(error.recipients.values())
+            reason = "; ".join(f"{code} {_text(words)}" for code, words in answers)
+            if answers and all(500 <= code < 600 for code, _ in answers):
+                raise MailRefused(f"recipient refused: {reason}") from error
+            raise MailTemporary(f"recipient refused for now: {reason}") from error
+        except smtplib.SMTPNotSupportedError as error:
+            raise MailRefused(f"the mail server cannot carry this address: {error}") from error
         except smtplib.SMTPResponseException as error:
+            answer = f"{error.smtp_code} {_text(error.smtp_error)}"
             if 500 <= error.smtp_code < 600:
-                raise MailRefused(f"{error.smtp_code} {error.smtp_error!r}") from error
-            raise MailTemporary(f"{error.smtp_code} {error.smtp_error!r}") from error
+                raise MailRefused(answer) from error
+            raise MailTemporary(answer) from error
         except (smtplib.SMTPException, OSError) as error:
             raise MailTemporary(str(error)[:200]) from error
 
@@ -131,6 +169,20 @@ class MailboxSender:
                 assert isinstance(message, EmailMessage)
                 found.append(message)
         return found
+
+
+def _sender(message: EmailMessage) -> str:
+    """The envelope sender: the From header's one address (TALLY_MAIL_FROM)."""
+    found = message["From"].addresses
+    if len(found) != 1 or not found[0].addr_spec:
+        raise MailRefused("TALLY_MAIL_FROM must name one address")
+    return str(found[0].addr_spec)
+
+
+def _text(words: bytes | str) -> str:
+    """A server's answer as text, one line."""
+    text = words.decode("utf-8", "replace") if isinstance(words, bytes) else str(words)
+    return " ".join(text.split())[:200]
 
 
 def _file_name(message_id: str) -> str:

@@ -14,7 +14,7 @@ import stripe
 
 from tally.domain.catalog import Catalog, Package
 from tally.domain.commerce import Sale
-from tally.domain.errors import EventMalformed, InvalidTime, SignatureInvalid
+from tally.domain.errors import EventMalformed, InvalidInput, InvalidTime, SignatureInvalid
 from tally.domain.values import in_time_range, time_from_epoch
 
 HTTP_TIMEOUT_SECONDS: Final = 10.0
@@ -42,9 +42,19 @@ def _time(value: object, default: datetime) -> datetime:
         return default
 
 
-def _int(value: object, default: int) -> int:
+#: Digits in a whole number a ping may carry: 2^53 has 16.
+_INT_DIGITS: Final = 16
+
+
+def _int(value: object, default: int, name: str) -> int:
+    """A ping's whole number: `default` when absent; else ASCII digits only (`int()` fails on
+    a superscript digit and reads Arabic-Indic ones), or InvalidInput: kept, never guessed."""
     text = str(value).strip() if value is not None else ""
-    return int(text) if text.isdigit() else default
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= _INT_DIGITS):
+        raise InvalidInput(f"the ping's {name} is not a whole number")
+    return int(text)
 
 
 def matches_secret(given: str, expected: str) -> bool:
@@ -83,8 +93,8 @@ def gumroad_sale(
         package=package,
         email=email,
         purchased_at=_time(ping.get("sale_timestamp"), now),
-        quantity=max(1, _int(ping.get("quantity"), 1)),
-        price=_int(ping.get("price"), 0),
+        quantity=max(1, _int(ping.get("quantity"), 1, "quantity")),
+        price=_int(ping.get("price"), 0, "price"),
         currency=(ping.get("currency") or "usd").upper()[:3],
         order_number=ping.get("order_number") or None,
         gifter_email=gifter if is_gift else None,

@@ -123,14 +123,18 @@ class SandboxRefunds:
 
 
 class ProcessorRefunds:
-    """Each order is refunded by the processor that sold it, whatever checkout uses today."""
+    """Each order is refunded by the processor that sold it, whatever checkout uses today.
+    Production has no sandbox refunds: a sandbox order there was never paid for, and a local
+    "refund" would report money returned that nobody received."""
 
     def __init__(self, settings: Settings) -> None:
         self.gateways: dict[str, RefundGateway] = {
             "gumroad": GumroadRefunds(settings.gumroad_api_base, settings.gumroad_access_token),
             "stripe": StripeRefunds(settings.stripe_api_key, settings.stripe_api_base),
-            "sandbox": SandboxRefunds(),
         }
+        if not settings.production:
+            # Also after switching TALLY_PAYMENTS: the sandbox's past orders stay its own.
+            self.gateways["sandbox"] = SandboxRefunds()
 
     def refund(self, request: RefundRequest) -> str:
         gateway = self.gateways.get(request.processor)

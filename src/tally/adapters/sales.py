@@ -187,9 +187,9 @@ def _true(sale: Mapping[str, str], name: str) -> bool:
 
 def sources(settings: Settings, catalog: Catalog) -> list[SalesSource]:
     """The processors configured to be asked: Gumroad with an access token, Stripe with an
-    API key. The sandbox has nothing to fetch: its sales reach the webhook in-process."""
-    if settings.payments == "sandbox":
-        return []
+    API key, whatever TALLY_PAYMENTS says (a shop whose checkout is the sandbox may still
+    receive Gumroad pings). The sandbox has nothing to fetch: its sales reach the webhook
+    in-process."""
     found: list[SalesSource] = []
     if settings.gumroad_access_token:
         found.append(

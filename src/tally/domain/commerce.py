@@ -3,6 +3,7 @@ its credits last, and what a code may do next."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,9 @@ from tally.domain.errors import InvalidInput
 PROCESSORS: Final = ("gumroad", "stripe", "sandbox")
 #: The most units one sale may buy: far above any real basket, small enough to stay exact.
 MAX_SALE_QUANTITY: Final = 1_000
+SALE_ID_MAX_LENGTH: Final = 128
+ORDER_NUMBER_MAX_LENGTH: Final = 128
+CURRENCY_PATTERN: Final = re.compile(r"[A-Z]{3}")
 
 
 class CodeStatus(StrEnum):
@@ -48,19 +52,40 @@ class Sale:
     payment_ref: str | None = None  # Stripe: the payment intent its charges will name
 
     def __post_init__(self) -> None:
+        """A sale is checked where it enters, whatever reported it: what the processor sent
+        is refused here rather than fulfilled by guess, or failing later in the outbox."""
         if self.processor not in PROCESSORS:
             raise InvalidInput(f"processor is one of {', '.join(PROCESSORS)}")
-        if not self.sale_id or len(self.sale_id) > 128:
-            raise InvalidInput("a sale id is 1-128 characters")
+        if not _printable(self.sale_id, SALE_ID_MAX_LENGTH):
+            raise InvalidInput(f"a sale id is 1-{SALE_ID_MAX_LENGTH} printable characters")
         if not 1 <= self.quantity <= MAX_SALE_QUANTITY:
             raise InvalidInput(f"quantity is 1 to {MAX_SALE_QUANTITY}")
-        if "@" not in self.email or len(self.email) > 320:
-            raise InvalidInput("the sale has no email address to send the code to")
+        price_ok = isinstance(self.price, int) and not isinstance(self.price, bool)
+        if not price_ok or not 0 <= self.price <= values.MAX_AMOUNT:
+            raise InvalidInput("price is a whole number of minor units from 0 to 2^53")
+        if not isinstance(self.currency, str) or not CURRENCY_PATTERN.fullmatch(self.currency):
+            raise InvalidInput("currency is three capital letters (ISO 4217)")
+        if self.order_number is not None and not _printable(
+            self.order_number, ORDER_NUMBER_MAX_LENGTH
+        ):
+            raise InvalidInput(
+                f"an order number is 1-{ORDER_NUMBER_MAX_LENGTH} printable characters"
+            )
+        # The code goes to this address, and a gift's refund to the giver's: one bare
+        # address each, normalised, or nothing is fulfilled.
+        object.__setattr__(self, "email", values.email(self.email))
+        if self.gifter_email is not None:
+            gifter = values.email(self.gifter_email, field="gifter_email")
+            object.__setattr__(self, "gifter_email", gifter)
         assert self.purchased_at.tzinfo is not None
 
     @property
     def is_gift(self) -> bool:
         return self.gifter_email is not None
+
+
+def _printable(text: object, most: int) -> bool:
+    return isinstance(text, str) and 0 < len(text) <= most and text.isprintable()
 
 
 def draw_credits(package: Package, quantity: int) -> int:

@@ -61,6 +61,14 @@ class InvalidAccountId(InvalidInput):
     title = "Invalid account id"
 
 
+class InvalidClientAddress(InvalidInput):
+    """A client address (`X-Client-Address`) is not one IPv4 or IPv6 address: leading zeros,
+    zone ids, ports and anything else are refused, never guessed at. 422."""
+
+    code = "invalid_client_address"
+    title = "Invalid client address"
+
+
 class InvalidDuration(InvalidInput):
     """A validity is neither an ISO 8601 duration (`P2Y`, `P30D`, `PT12H`) nor `never`."""
 
@@ -121,6 +129,15 @@ class UnknownTool(InvalidInput):
 
     code = "unknown_tool"
     title = "Unknown tool"
+
+
+class InvalidEmail(InvalidInput):
+    """An email address is not one bare, deliverable-looking address: a display name, a list,
+    a line break, a NUL, a non-ASCII local part or over 254 characters. `invalid_email`, 422;
+    `reason` says what is wrong, in the validating library's words."""
+
+    code = "invalid_email"
+    title = "Invalid email address"
 
 
 class PayloadTooLarge(TallyError):
@@ -273,6 +290,14 @@ class TooManyPendingHolds(Conflict):
     title = "Too many pending holds"
 
 
+class BalanceLimitExceeded(Conflict):
+    """An account would hold more than `MAX_ACCOUNT_CREDITS` (2^53: lots' remaining plus
+    pending holds), or owe more than that; nothing changed. `balance_limit_exceeded`, 409."""
+
+    code = "balance_limit_exceeded"
+    title = "Balance limit exceeded"
+
+
 class IdempotencyKeyReused(TallyError):
     """Rule 5: the key was used before with a different request. 422."""
 
@@ -304,9 +329,13 @@ class RateLimited(TallyError):
     status = 429
     title = "Too many attempts"
 
-    def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
+    def __init__(
+        self, detail: str | None = None, *, retry_after: int, limit: str | None = None
+    ) -> None:
         super().__init__(detail, retry_after=retry_after)
         self.retry_after = retry_after
+        #: Which limit tripped, for the operator's metric and log (never shown to the caller).
+        self.limit = limit
 
 
 class MethodNotAllowed(TallyError):
@@ -449,6 +478,16 @@ class InternalError(TallyError):
     code = "internal_error"
     status = 500
     title = "Internal error"
+
+
+class ConfigurationInvalid(TallyError):
+    """Tally's settings are unsafe or incomplete (production without a real processor, a
+    secret key or that processor's secrets). Raised at start-up, before anything is served;
+    the detail names every setting missing. `configuration_invalid`."""
+
+    code = "configuration_invalid"
+    status = 500
+    title = "Configuration invalid"
 
 
 def by_code() -> dict[str, type[TallyError]]:

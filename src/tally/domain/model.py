@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from tally.domain.errors import (
+    BalanceLimitExceeded,
     CaptureExceedsHold,
     HoldNotFound,
     HoldNotPending,
@@ -34,6 +35,9 @@ MAX_PENDING_HOLDS: Final = 1_000
 #: Priority is a small ordering integer, not a free-form number.
 PRIORITY_RANGE: Final = range(-1_000_000, 1_000_001)
 REASON_MAX_LENGTH: Final = 500
+#: Most credits an account can hold (lots' remaining plus pending holds) and most it can owe:
+#: every balance stays exact as a JSON number (a double), and no per-account sum nears 2^63.
+MAX_ACCOUNT_CREDITS: Final = 2**53
 _END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
 
 
@@ -81,6 +85,8 @@ class Lot:
     voided_at: datetime | None = None
     reason: str | None = None
     metadata: dict[str, Any] | None = None
+    #: The platform that granted it (None: Tally itself, the operator's CLI).
+    platform_id: str | None = None
 
     def is_expired(self, now: datetime) -> bool:
         """Rule 2: a lot stops counting at `expires_at`, whether or not the sweep has run."""
@@ -121,6 +127,8 @@ class Hold:
     # capture can be asked in units at the price the hold was placed at.
     tool: str | None = None
     quantity: int | None = None
+    #: The platform that placed it: only that platform may capture or release it.
+    platform_id: str | None = None
 
     def credits_for(self, units: int) -> int:
         """What `units` of the hold's tool cost at the hold's own price."""
@@ -277,6 +285,12 @@ class Account:
             key=Lot.spending_key,
         )
 
+    def credits_total(self) -> int:
+        """What the account has: its lots' remaining plus its pending holds (available
+        plus held, counting what time has not yet been written down)."""
+        pending = (h.amount for h in self.holds.values() if h.status is HoldStatus.PENDING)
+        return sum(lot.remaining for lot in self.lots.values()) + sum(pending)
+
     # --- settling what time has already decided -----------------------------------------
 
     def settle(self, now: datetime) -> None:
@@ -312,6 +326,15 @@ class Account:
         if expires_at is not None and expires_at <= now:
             raise InvalidTime("expires_at must be in the future")
         check_reason(origin.reason)
+        repaid = min(self.debt, amount)
+        total = self.credits_total()
+        if total + amount - repaid > MAX_ACCOUNT_CREDITS:
+            raise BalanceLimitExceeded(
+                f"an account holds at most {MAX_ACCOUNT_CREDITS} credits: it has {total}",
+                limit=MAX_ACCOUNT_CREDITS,
+                total=total,
+                requested=amount,
+            )
         lot = Lot(
             id=new_id("lot", now),
             account_id=self.account_id,
@@ -323,12 +346,12 @@ class Account:
             created_at=now,
             reason=origin.reason,
             metadata=metadata,
+            platform_id=origin.platform_id,
         )
         self.lots[lot.id] = lot
         self.new_lots.append(lot)
         self._record(EntryType.GRANT, amount, now, origin, lot_id=lot.id, metadata=metadata)
-        if self.debt > 0:
-            repaid = min(self.debt, amount)
+        if repaid > 0:
             repayment = Origin(origin.idempotency_key, origin.platform_id, "debt repayment")
             self._take(lot, repaid, EntryType.ADJUSTMENT, now, repayment)
             self.debt -= repaid
@@ -365,6 +388,7 @@ class Account:
             metadata=metadata,
             tool=tool,
             quantity=quantity,
+            platform_id=origin.platform_id,
         )
         for allocation in allocations:
             lot = self.lots[allocation.lot_id]
@@ -377,7 +401,7 @@ class Account:
     def capture(self, hold_id: str, amount: int | None, now: datetime, origin: Origin) -> Hold:
         """Rule 7: keep `amount` (default all) of a pending hold; the rest returns to the
         same lots. The soonest-spent lots keep the captured part."""
-        hold = self._pending_hold(hold_id, now)
+        hold = self._pending_hold(hold_id, now, origin)
         amount = hold.amount if amount is None else amount
         if amount > hold.amount:
             raise CaptureExceedsHold(held=hold.amount, requested=amount)
@@ -410,7 +434,7 @@ class Account:
 
     def release(self, hold_id: str, now: datetime, origin: Origin) -> Hold:
         """Rule 7: a failed job's hold goes back in full to the lots it came from."""
-        hold = self._pending_hold(hold_id, now)
+        hold = self._pending_hold(hold_id, now, origin)
         check_reason(origin.reason)
         self._give_back(hold, hold.allocations, now, origin)
         hold.status = HoldStatus.RELEASED
@@ -497,15 +521,23 @@ class Account:
             lots = [self.lots[lot_id]] if self.lots[lot_id].is_live(now) else []
         else:
             lots = self.lots_in_spending_order(now)
-        entries = []
+        taken: list[tuple[Lot, int]] = []
         wanted = amount
         for lot in lots:
             take = min(wanted, lot.remaining)
             if take:
-                entries.append(self._take(lot, take, kind, now, origin))
+                taken.append((lot, take))
                 wanted -= take
             if wanted == 0:
                 break
+        if self.debt + wanted > MAX_ACCOUNT_CREDITS:
+            raise BalanceLimitExceeded(
+                f"an account owes at most {MAX_ACCOUNT_CREDITS} credits: it owes {self.debt}",
+                limit=MAX_ACCOUNT_CREDITS,
+                debt=self.debt,
+                owed=wanted,
+            )
+        entries = [self._take(lot, take, kind, now, origin) for lot, take in taken]
         if wanted:
             self.debt += wanted
             # Credits already gone: the account now owes them. Clawback entries count owed
@@ -514,16 +546,19 @@ class Account:
             entries.append(self._record(kind, owed, now, origin))
         return entries
 
-    def hold(self, hold_id: str) -> Hold:
+    def hold(self, hold_id: str, origin: Origin) -> Hold:
+        """The hold, if `origin` may act on it. Platforms are isolated: a hold placed by
+        another platform answers exactly as one that does not exist, so its id tells nothing
+        and lets nothing be done. Tally itself (no platform: the operator's CLI) reaches all."""
         found = self.holds.get(hold_id)
-        if found is None:
+        if found is None or (
+            origin.platform_id is not None and origin.platform_id != found.platform_id
+        ):
             raise HoldNotFound(hold_id=hold_id)
         return found
 
-    def _pending_hold(self, hold_id: str, now: datetime) -> Hold:
-        hold = self.holds.get(hold_id)
-        if hold is None:
-            raise HoldNotFound(hold_id=hold_id)
+    def _pending_hold(self, hold_id: str, now: datetime, origin: Origin) -> Hold:
+        hold = self.hold(hold_id, origin)
         status = hold.status_at(now)
         if status is not HoldStatus.PENDING:
             raise HoldNotPending(

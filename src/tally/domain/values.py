@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import threading
 from base64 import b32encode
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, NewType
 
 import isodate
+from email_validator import EmailNotValidError, validate_email
 
 from tally.domain.errors import (
     InvalidAccountId,
     InvalidAmount,
+    InvalidClientAddress,
     InvalidDuration,
+    InvalidEmail,
     InvalidIdempotencyKey,
     InvalidTime,
 )
@@ -24,6 +28,8 @@ from tally.domain.errors import (
 MAX_AMOUNT: Final = 2**53
 ACCOUNT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 IDEMPOTENCY_KEY_MAX_LENGTH: Final = 255
+#: RFC 5321's limit on a path (256) less its angle brackets.
+EMAIL_MAX_LENGTH: Final = 254
 NEVER: Final = "never"
 #: Every time Tally takes, computes or stores lies in these years (UTC): wide enough for any
 #: real validity, and far enough from datetime's year 1 and 9999 that converting an offset or
@@ -74,6 +80,75 @@ def idempotency_key(value: str) -> str:
             f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX_LENGTH} printable characters"
         )
     return value
+
+
+def email(raw: str, *, field: str = "email") -> str:
+    """One bare address, normalised (the domain in lower-case ASCII), or InvalidEmail.
+
+    Refused: display names, lists, quoted local parts, IP literals, line breaks and other
+    control characters, whitespace inside, a non-ASCII local part (mail leaves without
+    SMTPUTF8) and anything over 254 characters. Spaces and tabs around the address are
+    typing, not part of it. The local part keeps its case: compare addresses with
+    `casefold()`, as everywhere in Tally."""
+    if not isinstance(raw, str):
+        raise _not_an_address(field, "it is not text")
+    text = raw.strip(" \t")
+    if len(text) > EMAIL_MAX_LENGTH:
+        raise _not_an_address(field, f"it is longer than {EMAIL_MAX_LENGTH} characters")
+    try:
+        checked = validate_email(
+            text,
+            check_deliverability=False,  # no DNS where an address enters
+            allow_smtputf8=False,
+            allow_display_name=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+        )
+    except EmailNotValidError as error:
+        raise _not_an_address(field, str(error)) from error
+    # The library refuses these already; a header line is never built from one regardless.
+    if not checked.normalized.isprintable() or any(c.isspace() for c in checked.normalized):
+        raise _not_an_address(field, "the address contains whitespace or control characters")
+    address: str = checked.ascii_email or checked.normalized
+    return address
+
+
+def _not_an_address(field: str, reason: str) -> InvalidEmail:
+    return InvalidEmail(f"{field} is not one email address: {reason}", field=field, reason=reason)
+
+
+#: A client's address as rate limits count it: see `client_address`.
+ClientAddress = NewType("ClientAddress", str)
+#: An IPv6 client is its /64: the smallest network a home line or a server is given, so every
+#: address in it is one client to the rate limits.
+CLIENT_IPV6_PREFIX: Final = 64
+CLIENT_ADDRESS_MAX_LENGTH: Final = 64
+
+
+def client_address(value: str) -> ClientAddress:
+    """One spelling per client: dotted-decimal IPv4 (also when it arrives inside IPv6, mapped
+    `::ffff:a.b.c.d`, 6to4 or Teredo), or an IPv6 address's /64 as `2001:db8:1:2::/64`.
+    IPv4 leading zeros (octal to some parsers), zone ids, ports, brackets and anything else
+    are refused: a limit counts what it can name exactly."""
+    text = value.strip() if isinstance(value, str) else ""
+    if not text or len(text) > CLIENT_ADDRESS_MAX_LENGTH or not text.isascii() or "%" in text:
+        raise InvalidClientAddress(
+            "a client address is one IPv4 or IPv6 address, without zone id or port"
+        )
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as error:
+        raise InvalidClientAddress(
+            "a client address is one IPv4 or IPv6 address (IPv4 without leading zeros)"
+        ) from error
+    if isinstance(address, ipaddress.IPv6Address):
+        teredo = address.teredo
+        inside = address.ipv4_mapped or address.sixtofour or (teredo[1] if teredo else None)
+        if inside is None:
+            network = ipaddress.IPv6Network((address, CLIENT_IPV6_PREFIX), strict=False)
+            return ClientAddress(str(network))
+        address = inside
+    return ClientAddress(str(address))
 
 
 class Validity:
@@ -233,13 +308,17 @@ def is_id(value: str, prefix: str) -> bool:
 
 
 __all__ = [
+    "EMAIL_MAX_LENGTH",
     "MAX_AMOUNT",
     "NEVER",
     "TIME_MAX",
     "TIME_MIN",
+    "ClientAddress",
     "Validity",
     "account_id",
+    "client_address",
     "credits",
+    "email",
     "format_time",
     "idempotency_key",
     "in_time_range",

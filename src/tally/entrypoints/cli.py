@@ -15,6 +15,7 @@ import typer
 from tally import logs
 from tally.adapters.db.audit import MAX_LISTED_VIOLATIONS
 from tally.bootstrap import Tally, bootstrap
+from tally.config import Settings
 from tally.domain import keys, values
 from tally.domain.errors import TallyError
 from tally.entrypoints.views import balance_view, debit_view, entry_view, hold_view, lot_view
@@ -385,6 +386,7 @@ def staff_create(
     """Create a staff member; the password is asked twice, hidden (at least 12 characters)."""
     from tally.service import staff
 
+    staff.normalise_email(email)  # a wrong address is refused before the password is asked
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -421,6 +423,8 @@ def serve(
     """Serve the HTTP API (and, unless TALLY_WORKER=off, the worker's jobs in-process)."""
     import uvicorn
 
+    # Refuse unsafe settings here, as one message, not as a traceback from every server process.
+    Settings.from_env().check()
     # A log event, not a bare line: the server's log stays one JSON object per line.
     log.info("serving", url=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
     uvicorn.run(
@@ -438,7 +442,7 @@ def serve(
 @app.command()
 @refusals
 def worker() -> None:
-    """Run the worker's scheduled jobs (the expiry sweep) in the foreground."""
+    """Run the worker's jobs (email, the expiry sweep, reconciliation) until SIGTERM."""
     from tally.entrypoints.worker import Worker
 
     tally = _tally()

@@ -18,7 +18,15 @@ def lot_status(lot: Lot, now: datetime) -> str:
     return "active" if lot.remaining > 0 else "spent"
 
 
-def lot_view(lot: Lot, now: datetime) -> dict[str, Any]:
+def shown_to(viewer: str | None, author: str | None) -> bool:
+    """Whether `viewer` sees what `author` wrote into a row: its idempotency key and metadata.
+    Accounts are shared, so every platform sees every entry's amount, type and time; a
+    platform's own keys and metadata stay its own. `viewer` None is the operator or staff
+    (the CLI, the console), who see everything; `author` None is Tally itself."""
+    return viewer is None or author is None or author == viewer
+
+
+def lot_view(lot: Lot, now: datetime, viewer: str | None = None) -> dict[str, Any]:
     return {
         "id": lot.id,
         "object": "lot",
@@ -32,7 +40,7 @@ def lot_view(lot: Lot, now: datetime) -> dict[str, Any]:
         "created_at": format_time(lot.created_at),
         "voided_at": format_time(lot.voided_at),
         "reason": lot.reason,
-        "metadata": lot.metadata or {},
+        "metadata": (lot.metadata or {}) if shown_to(viewer, lot.platform_id) else {},
     }
 
 
@@ -53,7 +61,8 @@ def hold_view(hold: Hold, now: datetime) -> dict[str, Any]:
     }
 
 
-def entry_view(entry: Entry) -> dict[str, Any]:
+def entry_view(entry: Entry, viewer: str | None = None) -> dict[str, Any]:
+    shown = shown_to(viewer, entry.platform_id)
     return {
         "id": entry.id,
         "object": "entry",
@@ -64,10 +73,10 @@ def entry_view(entry: Entry) -> dict[str, Any]:
         "lot_id": entry.lot_id,
         "hold_id": entry.hold_id,
         "created_at": format_time(entry.created_at),
-        "idempotency_key": entry.idempotency_key,
+        "idempotency_key": entry.idempotency_key if shown else None,
         "platform_id": entry.platform_id,
         "reason": entry.reason,
-        "metadata": entry.metadata or {},
+        "metadata": (entry.metadata or {}) if shown else {},
     }
 
 
@@ -128,3 +137,13 @@ def package_view(package: Package) -> dict[str, Any]:
         "currency": package.currency,
         "validity": package.validity,
     }
+
+
+def wait_in_words(seconds: int) -> str:
+    """A `Retry-After` as a person reads it: "1 minute", "42 minutes", "1 hour"; rounded up,
+    so trying again then always works."""
+    minutes = max(1, -(-seconds // 60))
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    hours = -(-minutes // 60)
+    return f"{hours} hour{'s' if hours != 1 else ''}"

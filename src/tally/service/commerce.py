@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
+import structlog
+
 from tally.domain import codes, values
 from tally.domain.commerce import (
     Code,
@@ -23,9 +25,11 @@ from tally.domain.errors import (
     CodeNotFound,
     IdempotencyKeyReused,
     RateLimited,
+    TallyError,
 )
 from tally.domain.model import Lot, Origin
-from tally.service import refunds
+from tally.domain.values import ClientAddress
+from tally.service import limits, refunds
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.ports import (
     DuplicateSale,
@@ -38,14 +42,20 @@ from tally.service.ports import (
 )
 
 #: Rule 11's default: 10 failed attempts per hour, per account and per client address.
-FAILURES_PER_WINDOW: Final = 10
-FAILURE_WINDOW: Final = timedelta(hours=1)
+FAILURES_PER_WINDOW: Final = limits.FAILURES_PER_WINDOW
+FAILURE_WINDOW: Final = limits.FAILURE_WINDOW
 #: Outbox retries: backoff doubles from 30 s up to an hour; after this many tries the message
 #: is marked failed for support to resend.
 MAIL_MAX_ATTEMPTS: Final = 12
 MAIL_FIRST_BACKOFF: Final = timedelta(seconds=30)
 MAIL_MAX_BACKOFF: Final = timedelta(hours=1)
 MAIL_BATCH_MAX: Final = 100
+#: A claimed message is not due again for this long: longer than a send can take (each SMTP
+#: step times out after 30 s), so no other worker sends it meanwhile. A worker stopped while
+#: sending leaves the message to be tried again then, as its next attempt.
+MAIL_CLAIM: Final = timedelta(minutes=10)
+
+log = structlog.get_logger("tally.mail")
 
 _SUBJECTS: Final = {
     "purchase_code": "Your {package} credits: {credits} credits",
@@ -117,11 +127,22 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
 
 def record_unmatched(
     processor: str, sale_id: str | None, reason: str, payload: object, uow: UnitOfWork
-) -> None:
-    """A ping Tally will not fulfil by guess (an unknown product): kept for support."""
+) -> bool:
+    """A ping Tally will not fulfil by guess (an unknown product, an unusable address): kept
+    for support once per sale, however often the processor repeats it, and not at all when
+    the sale has an order already. True when it was kept now."""
     with uow:
+        if sale_id is not None:
+            # What the store keeps of the id: PostgreSQL holds no NUL, the column 128 chars.
+            kept_id = sale_id.replace("\x00", "\ufffd")[:128]
+            uow.commerce.lock_sale(processor, f"unmatched:{kept_id}")  # one of two repeats
+            if uow.commerce.order_by_sale(processor, kept_id) is not None:
+                return False
+            if uow.commerce.unmatched_recorded(processor, kept_id):
+                return False
         uow.commerce.add_unmatched(processor, sale_id, reason, payload, uow.clock())
         uow.commit()
+    return True
 
 
 @dataclass(frozen=True)
@@ -130,14 +151,28 @@ class CodeInfo:
     order: Order
 
 
-def look_up_code(text: str, uow: UnitOfWork, *, pepper: bytes) -> CodeInfo:
-    """Support's view of a code: its state, its order and who redeemed it."""
+def look_up_code(
+    text: str,
+    uow: UnitOfWork,
+    *,
+    pepper: bytes,
+    platform_id: str | None = None,
+    client_address: ClientAddress | None = None,
+    allowance: limits.Allowance = limits.Allowance(),  # noqa: B008 - frozen
+) -> CodeInfo:
+    """Support's view of a code: its state, its order and who redeemed it. A miss counts as
+    a failed redemption through the platform (service/limits.py): look-ups are no oracle."""
     normalised = codes.normalise(text)
-    with uow.read_only():
+    checked = limits.for_look_up(platform_id or LOCAL_SCOPE, client_address, allowance)
+    with uow:
+        now = uow.clock()
+        limits.enforce(uow, checked, now)
         code = None if normalised is None else uow.commerce.code(codes.digest(normalised, pepper))
         order = None if code is None else uow.commerce.order(code.order_id)
-    if code is None or order is None:
-        raise CodeNotFound("no code matches")
+        if code is None or order is None:
+            limits.record(uow, checked, now)
+            uow.commit()
+            raise CodeNotFound("no code matches")
     return CodeInfo(code, order)
 
 
@@ -200,12 +235,22 @@ _issue_code = issue_code  # the old private name, for callers written before iss
 class Redeem(Command):
     code: str
     account_id: str
-    client_address: str | None = None
+    #: Normalised (values.client_address); None when the caller does not know it.
+    client_address: ClientAddress | None = None
 
 
-def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES_PER_WINDOW) -> Lot:
+def redeem(
+    cmd: Redeem,
+    uow: UnitOfWork,
+    *,
+    pepper: bytes,
+    allowance: limits.Allowance = limits.Allowance(),  # noqa: B008 - frozen
+) -> Lot:
     """Turn a code into a lot on the account, once (rule 11). Wrong, voided and used codes get
-    one answer; failures count against the account and the client address."""
+    one answer. Failures count as service/limits.py says: through a platform per account, per
+    client address and per platform; without one (the public page) per address and for the
+    page, never against the account. The count is checked and the failure recorded in the
+    one transaction that holds the limits' locks, so parallel guesses cannot outrun it."""
     values.account_id(cmd.account_id)
     key = values.idempotency_key(cmd.idempotency_key)
     scope = cmd.platform_id or LOCAL_SCOPE
@@ -213,9 +258,7 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
     request_hash = fingerprint(
         replace(cmd, code=codes.normalise(cmd.code) or cmd.code, client_address=None)
     )
-    subjects = [f"account:{cmd.account_id}"]
-    if cmd.client_address:
-        subjects.append(f"address:{cmd.client_address}")
+    checked = limits.for_redemption(cmd.platform_id, cmd.account_id, cmd.client_address, allowance)
     refused: RateLimited | CodeInvalidOrUsed | None = None
     with uow:
         now = uow.clock()
@@ -226,7 +269,10 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
             uow.replayed = True
             replayed: Lot = adapter(Lot).validate_python(stored.response)
             return replayed
-        refused = _rate_limit(uow, subjects, now, limit)
+        try:
+            limits.enforce(uow, checked, now)
+        except RateLimited as error:
+            refused = error
         if refused is None:
             normalised = codes.normalise(cmd.code)
             code = (
@@ -241,8 +287,7 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
                 or code.status is not CodeStatus.ISSUED
                 or (order.expires_at is not None and order.expires_at <= now)
             ):
-                for subject in subjects:
-                    uow.commerce.add_failure(subject, now)
+                limits.record(uow, checked, now)
                 uow.commit()
                 refused = CodeInvalidOrUsed("this code is not valid or was used already")
             else:
@@ -260,20 +305,6 @@ def redeem(cmd: Redeem, uow: UnitOfWork, *, pepper: bytes, limit: int = FAILURES
                 return lot
     assert refused is not None
     raise refused
-
-
-def _rate_limit(
-    uow: UnitOfWork, subjects: list[str], now: datetime, limit: int
-) -> RateLimited | None:
-    for subject in subjects:
-        count, oldest = uow.commerce.failures_since(subject, now - FAILURE_WINDOW)
-        if count >= limit:
-            assert oldest is not None
-            wait = (oldest + FAILURE_WINDOW - now).total_seconds()
-            return RateLimited(
-                "too many failed attempts: try again later", retry_after=max(1, int(wait) + 1)
-            )
-    return None
 
 
 def _credit(
@@ -312,47 +343,95 @@ def deliver_mail(
     *,
     batch: int = MAIL_BATCH_MAX,
 ) -> Delivery:
-    """Send due outbox messages, one transaction each: the row stays locked while it is sent,
-    so two workers never send it twice; once sent, its plaintext code is erased (rule 10)."""
+    """Send due outbox messages, each on its own: claimed in one short transaction (its
+    attempt counted, not due again for MAIL_CLAIM, so no other worker sends it meanwhile),
+    prepared and sent with no transaction open (a slow mail server holds no lock), and its
+    outcome recorded in another. Whatever goes wrong with one message, its data, its template
+    or the server's answer, is recorded on that message and the others go on: no row can
+    block the queue. Once sent, its plaintext code is erased (rule 10)."""
     assert 1 <= batch <= MAIL_BATCH_MAX
     sent = retried = failed = 0
     for _ in range(batch):
         with uow:
             now = uow.clock()
-            message = uow.commerce.next_due_message(now)
-            if message is None:
-                break
-            text, html = templates.render(message.template, message.subject, message.context)
-            email = Email(
-                message_id=f"<{message.id}@{links.mail_domain}>",
-                sender=links.mail_from,
-                to=message.to_email,
-                subject=message.subject,
-                text=text,
-                html=html,
-            )
-            attempts = message.attempts + 1
-            try:
-                sender.send(email, now)
-            except MailTemporary as error:
-                retry_at = None
-                if attempts < MAIL_MAX_ATTEMPTS:
-                    retry_at = now + min(MAIL_MAX_BACKOFF, MAIL_FIRST_BACKOFF * 2 ** (attempts - 1))
-                uow.commerce.message_failed(
-                    message.id, attempts=attempts, retry_at=retry_at, error=str(error)
-                )
-                retried += retry_at is not None
-                failed += retry_at is None
-            except MailRefused as error:
-                uow.commerce.message_failed(
-                    message.id, attempts=attempts, retry_at=None, error=str(error)
-                )
-                failed += 1
-            else:
-                scrubbed = dict(message.context)
-                if isinstance(scrubbed.get("code"), str):
-                    scrubbed["code"] = f"XXXX-XXXX-XXXX-{str(scrubbed['code'])[-4:]}"
-                uow.commerce.message_sent(message.id, scrubbed, now)
-                sent += 1
+            claimed = uow.commerce.claim_message(now, until=now + MAIL_CLAIM)
             uow.commit()
+        if claimed is None:
+            break
+        message_id, attempts = claimed
+        error, final = _attempt(
+            uow, message_id, attempts, sender=sender, templates=templates, links=links
+        )
+        if error is None:
+            sent += 1
+            continue
+        with uow:
+            now = uow.clock()
+            retry_at = None
+            if not final and attempts < MAIL_MAX_ATTEMPTS:
+                retry_at = now + min(MAIL_MAX_BACKOFF, MAIL_FIRST_BACKOFF * 2 ** (attempts - 1))
+            # The claim holds unless support requeued the message meanwhile: then its fresh
+            # start stands.
+            uow.commerce.message_failed(
+                message_id, attempts=attempts, retry_at=retry_at, error=error
+            )
+            uow.commit()
+        retried += retry_at is not None
+        failed += retry_at is None
+        log.warning(
+            "mail_not_sent",
+            message_id=message_id,
+            attempts=attempts,
+            retry_at=None if retry_at is None else retry_at.isoformat(),
+            error=error,
+        )
     return Delivery(sent, retried, failed)
+
+
+def _attempt(
+    uow: UnitOfWork,
+    message_id: str,
+    attempts: int,
+    *,
+    sender: Mailer,
+    templates: Renderer,
+    links: Links,
+) -> tuple[str | None, bool]:
+    """Prepare and send one claimed message; on success record it sent. Answers (None,
+    True) when sent, else (the error for support, whether it is final)."""
+    if attempts > MAIL_MAX_ATTEMPTS:  # claimed that often, never recorded: sending it kills
+        return f"not sent in {MAIL_MAX_ATTEMPTS} attempts: the worker stopped while sending", True
+    try:
+        with uow.read_only():
+            message = uow.commerce.message(message_id)
+        assert message is not None, "a claimed message stays"
+        text, html = templates.render(message.template, message.subject, message.context)
+        email = Email(
+            message_id=f"<{message.id}@{links.mail_domain}>",
+            sender=links.mail_from,
+            to=message.to_email,
+            subject=message.subject,
+            text=text,
+            html=html,
+        )
+    except TallyError:
+        raise  # the database is down: the job fails, the claim lapses, the message waits
+    except Exception as error:  # its data or its template: the same every time, so final
+        log.warning("mail_unprepared", message_id=message_id, exc_info=True)
+        return f"could not prepare the message: {type(error).__name__}: {error}", True
+    try:
+        sender.send(email, uow.clock())
+    except MailTemporary as error:
+        return str(error) or "the mail server did not take it", False
+    except MailRefused as error:
+        return str(error) or "the mail server refused it", True
+    except Exception as error:  # a bug in sending, or an outage nobody classified: retried
+        log.warning("mail_send_crashed", message_id=message_id, exc_info=True)
+        return f"{type(error).__name__}: {error}", False
+    scrubbed = dict(message.context)
+    if isinstance(scrubbed.get("code"), str):
+        scrubbed["code"] = f"XXXX-XXXX-XXXX-{str(scrubbed['code'])[-4:]}"
+    with uow:
+        uow.commerce.message_sent(message_id, scrubbed, uow.clock(), attempts=attempts)
+        uow.commit()
+    return None, True

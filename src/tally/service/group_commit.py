@@ -17,9 +17,10 @@ join the same queue.
 Every change keeps the meaning it has alone. Accounts are locked in sorted order (no deadlock
 with other processes' batches); changes to one account apply in arrival order to one loaded
 account; each stores its own idempotency key and result. A change that is refused (a
-TallyError) or shares a key with an earlier one in the batch is run alone afterwards, where the
-refusal and key rules apply exactly; if the shared transaction fails (a lost idempotency race,
-a dropped connection), every change in it is run alone.
+TallyError), shares a key with an earlier one in the batch, or is to an account that does not
+exist yet (a first grant) is run alone afterwards, where the refusal, key and account rules
+apply exactly; if the shared transaction fails (a lost idempotency race, a dropped
+connection), every change in it is run alone.
 """
 
 from __future__ import annotations
@@ -318,10 +319,11 @@ class GroupCommit:
     def _lock_accounts(
         uow: UnitOfWork, owners: dict[_Pending, str], now: datetime
     ) -> dict[str, Account]:
+        # No account is created here: a change to an account not there yet runs alone, where
+        # only its own success creates it.
         changes = [pending.change for pending in owners]
         accounts = uow.accounts.get_many_for_update(
             list(owners.values()),
-            create_at=now if any(c.create for c in changes) else None,
             lot_ids=sorted({lot for c in changes for lot in c.lot_ids}),
             hold_ids=sorted({hold for c in changes for hold in c.hold_ids}),
         )

@@ -192,7 +192,7 @@ def capture_change(cmd: CaptureHold) -> Change[Hold]:
     def action(account: Account, now: datetime) -> Hold:
         wanted = amount
         if units is not None:
-            wanted = account.hold(cmd.hold_id).credits_for(units)
+            wanted = account.hold(cmd.hold_id, cmd.origin()).credits_for(units)
         return account.capture(cmd.hold_id, wanted, now, cmd.origin())
 
     return Change(cmd, _owner_of_hold(cmd.hold_id), action, Hold, hold_ids=[cmd.hold_id])
@@ -269,8 +269,8 @@ def adjust(cmd: Adjust, uow: UnitOfWork) -> list[Entry]:
 def put_account(account_id: str, email: str | None, uow: UnitOfWork) -> Account:
     """Create the account if new and set its email. Naturally idempotent."""
     values.account_id(account_id)
-    if email is not None and (len(email) > 320 or "@" not in email or "\x00" in email):
-        raise InvalidInput("email is not an address")
+    if email is not None:
+        email = values.email(email)
     with uow:
         account = uow.accounts.get_for_update(account_id, create_at=uow.clock())
         assert account is not None

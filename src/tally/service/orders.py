@@ -7,7 +7,6 @@ per hour, keyed by the hour, and never says whether the pair it was given exists
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -22,9 +21,8 @@ from tally.domain.errors import (
     OrderExpired,
     OrderNotFound,
     OrderReversed,
-    RateLimited,
 )
-from tally.service import staff
+from tally.service import limits, staff
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.commerce import Links, issue_code
 from tally.service.ledger import PAGE_MAX, Page
@@ -80,7 +78,8 @@ def find_orders(
 ) -> Page[OrderSummary]:
     """Orders matching every filter given (at least one), newest first; the email matches
     whatever its case. A page starts after the order `starting_after`."""
-    email = _text(email, "email", EMAIL_MAX)
+    # A blank filter is no filter; anything else must be one address.
+    email = values.email(email) if isinstance(email, str) and email.strip() else None
     order_number = _text(order_number, "order_number", ORDER_NUMBER_MAX)
     if email is None and order_number is None:
         raise InvalidInput("give an email or an order_number (or both)")
@@ -187,24 +186,26 @@ def request_lost_code(
     """The public /lost-code form: when `email` (the order's address or its gifter's) and
     `order_number` match an order whose code is unredeemed, a new code goes to the order's
     address. It answers the same (None) whether or not anything matched; only too many
-    attempts from one client address are refused (RateLimited)."""
-    email = (email or "").strip()
+    attempts from one client address are refused (RateLimited), and what is not an email
+    address (InvalidEmail), before anything is counted or looked up."""
+    email = values.email(email)
     order_number = (order_number or "").strip()
-    subject = f"lost-code:address:{client_address or 'unknown'}"
+    asked = [
+        limits.Limit(
+            "lost_code_address",
+            f"lost-code:address:{client_address or limits.UNKNOWN_ADDRESS}",
+            limit,
+            LOST_CODE_WINDOW,
+        )
+    ]
     with uow:
         now = uow.clock()
-        count, oldest = uow.commerce.failures_since(subject, now - LOST_CODE_WINDOW)
-        if count >= limit:
-            assert oldest is not None
-            wait = (oldest + LOST_CODE_WINDOW - now).total_seconds()
-            raise RateLimited(
-                "too many requests: try again later", retry_after=max(1, math.ceil(wait))
-            )
-        uow.commerce.add_failure(subject, now)
+        limits.enforce(uow, asked, now, detail="too many requests: try again later")
+        limits.record(uow, asked, now)
         uow.commit()
-    if not (0 < len(email) <= EMAIL_MAX and 0 < len(order_number) <= ORDER_NUMBER_MAX):
+    if not 0 < len(order_number) <= ORDER_NUMBER_MAX:
         return
-    if "\x00" in email or "\x00" in order_number:
+    if "\x00" in order_number:
         return  # PostgreSQL refuses NUL characters: never send it junk
     with uow:
         now = uow.clock()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -77,11 +77,11 @@ class Accounts(Protocol):
         self,
         account_ids: Sequence[str],
         *,
-        create_at: datetime | None = None,
         lot_ids: Sequence[str] = (),
         hold_ids: Sequence[str] = (),
     ) -> dict[str, Account]:
-        """Lock and load several accounts in sorted order (absent ones are left out)."""
+        """Lock and load several accounts in sorted order (absent ones are left out, never
+        created)."""
 
     def get(self, account_id: str) -> Account | None:
         """The same, without a lock, for reads."""
@@ -222,11 +222,21 @@ class Commerce(Protocol):
 
     def next_due_message(self, now: datetime) -> Message | None: ...
 
-    def message_sent(self, message_id: str, context: dict[str, object], now: datetime) -> None: ...
+    def claim_message(self, now: datetime, *, until: datetime) -> tuple[str, int] | None:
+        """The oldest due message, its attempt counted, not due again until `until`:
+        (its id, its attempts with this one)."""
+
+    def message(self, message_id: str) -> Message | None: ...
+
+    def message_sent(
+        self, message_id: str, context: dict[str, object], now: datetime, *, attempts: int
+    ) -> bool:
+        """Only while the claim that made `attempts` holds."""
 
     def message_failed(
         self, message_id: str, *, attempts: int, retry_at: datetime | None, error: str
-    ) -> None: ...
+    ) -> bool:
+        """Only while the claim that made `attempts` holds; `retry_at` None: failed."""
 
     def messages_of_order(self, order_id: str) -> list[dict[str, Any]]: ...
 
@@ -237,6 +247,15 @@ class Commerce(Protocol):
     def add_failure(self, subject: str, now: datetime) -> None: ...
 
     def failures_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]: ...
+
+    def lock_subjects(self, subjects: Sequence[str]) -> None:
+        """Until the transaction ends, no other transaction counts or adds failures of these
+        subjects (service/limits.py)."""
+
+    def failures_within(self, windows: Mapping[str, datetime]) -> dict[str, tuple[int, datetime]]:
+        """Per subject, its failures after its own time and the oldest; none: absent."""
+
+    def add_failures(self, subjects: Sequence[str], now: datetime) -> None: ...
 
     # --- lost codes and reconciliation (issue 5, engineer B)
 

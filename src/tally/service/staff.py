@@ -23,12 +23,12 @@ from tally.domain.errors import (
     MessageNotFound,
     MessageNotResendable,
     OrderNotFound,
-    RateLimited,
     SignInFailed,
     StaffExists,
     StaffNotFound,
 )
 from tally.domain.model import REASON_MAX_LENGTH, Balance, Entry, Hold, HoldStatus, Lot
+from tally.service import limits
 from tally.service.changes import Command
 from tally.service.ports import DayTotals, StaffRecord, UnitOfWork
 
@@ -63,20 +63,8 @@ _CSRF_LABEL: Final = b"tally console csrf"
 
 
 def normalise_email(text: str) -> str:
-    """Staff emails are compared in lower case; one `@`, no spaces, at most 320 characters."""
-    email = text.strip().lower() if isinstance(text, str) else ""
-    local, at, domain = email.partition("@")
-    if (
-        not at
-        or not local
-        or not domain
-        or "@" in domain
-        or len(email) > EMAIL_MAX_LENGTH
-        or not email.isprintable()
-        or any(c.isspace() for c in email)
-    ):
-        raise InvalidInput("an email address is name@domain, at most 320 characters")
-    return email
+    """A staff member's email: one bare address (`values.email`), compared in lower case."""
+    return values.email(text).lower()
 
 
 def check_password(password: str) -> str:
@@ -183,27 +171,28 @@ def sign_in(
 ) -> SignedIn:
     """Check the password and open a session. A wrong email and a wrong password get one
     answer (`SignInFailed`) in the same time. Each attempt is counted before the password is
-    checked, with the email's row locked, so parallel guesses cannot outrun the limit; a
-    success takes its attempt back."""
+    checked, with the email and the address locked (service/limits.py), so parallel guesses
+    cannot outrun the limit; a success takes its attempt back."""
     try:
         address = normalise_email(email)
     except InvalidInput:
         address = None
-    limits = [(f"sign-in-address:{client_address}", per_address)] if client_address else []
+    counted: list[limits.Limit] = []
     if address is not None:
-        limits.insert(0, (f"sign-in-email:{address}", per_email))
+        counted.append(
+            limits.Limit("sign_in_email", f"sign-in-email:{address}", per_email, SIGN_IN_WINDOW)
+        )
+    if client_address:
+        counted.append(
+            limits.Limit(
+                "sign_in_address", f"sign-in-address:{client_address}", per_address, SIGN_IN_WINDOW
+            )
+        )
     with uow:
         now = uow.clock()
-        record = None if address is None else uow.staff.by_email(address, lock=True)
-        for subject, limit in limits:
-            count, oldest = uow.commerce.failures_since(subject, now - SIGN_IN_WINDOW)
-            if count >= limit:
-                assert oldest is not None
-                wait = (oldest + SIGN_IN_WINDOW - now).total_seconds()
-                raise RateLimited(
-                    "too many sign-in attempts: try again later", retry_after=max(1, int(wait) + 1)
-                )
-        attempts = uow.staff.add_attempts([subject for subject, _ in limits], now)
+        record = None if address is None else uow.staff.by_email(address)
+        limits.enforce(uow, counted, now, detail="too many sign-in attempts: try again later")
+        attempts = uow.staff.add_attempts([limit.subject for limit in counted], now)
         uow.commit()
     # Outside any transaction: argon2 takes tens of milliseconds on purpose.
     well_formed = isinstance(password, str) and len(password) <= PASSWORD_MAX_LENGTH

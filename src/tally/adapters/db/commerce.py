@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -29,6 +30,15 @@ _ADD_ORDER_POSTGRES = FastStatement(pg_insert(orders).on_conflict_do_nothing())
 _ADD_ORDER_SQLITE = FastStatement(sqlite_insert(orders).on_conflict_do_nothing())
 _ADD_CODE = FastStatement(insert(codes))
 _ADD_MESSAGE = FastStatement(insert(outbox))
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+
+
+def _lock_key(subject: str) -> int:
+    """A subject's advisory lock: 64 bits of its hash, as PostgreSQL's signed bigint."""
+    digest = hashlib.blake2b(subject.encode(), digest_size=8, person=b"tally-limit").digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _order(row: Any) -> Order:
@@ -229,26 +239,61 @@ class SqlCommerce:
         row = self.connection.execute(query).first()
         return None if row is None else _message(row)
 
-    def message_sent(self, message_id: str, context: dict[str, object], now: datetime) -> None:
+    def claim_message(self, now: datetime, *, until: datetime) -> tuple[str, int] | None:
+        """The oldest due message, claimed: its attempt counted and not due again until
+        `until`. Answers (its id, its attempts with this one). Reads no more than the id, so
+        a row that cannot be decoded is claimed, and failed, like any other. Concurrent
+        claims skip a row being claimed (PostgreSQL); SQLite's writers take turns."""
+        query = (
+            select(outbox.c.message_id, outbox.c.attempts)
+            .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now)
+            .order_by(outbox.c.next_attempt_at)
+            .limit(1)
+        )
+        if self.postgres:
+            query = query.with_for_update(skip_locked=True)
+        row = self.connection.execute(query).first()
+        if row is None:
+            return None
+        attempts = int(row.attempts) + 1
         self.connection.execute(
             update(outbox)
-            .where(outbox.c.message_id == message_id)
+            .where(outbox.c.message_id == row.message_id)
+            .values(attempts=attempts, next_attempt_at=until)
+        )
+        return str(row.message_id), attempts
+
+    def message(self, message_id: str) -> Message | None:
+        row = self.connection.execute(
+            select(outbox).where(outbox.c.message_id == message_id)
+        ).first()
+        return None if row is None else _message(row)
+
+    def message_sent(
+        self, message_id: str, context: dict[str, object], now: datetime, *, attempts: int
+    ) -> bool:
+        """Recorded only while the claim that made `attempts` holds (not requeued since)."""
+        done = self.connection.execute(
+            update(outbox)
+            .where(*_claim_holds(message_id, attempts))
             .values(status="sent", sent_at=now, context=context, last_error=None)
         )
+        return done.rowcount == 1
 
     def message_failed(
         self, message_id: str, *, attempts: int, retry_at: datetime | None, error: str
-    ) -> None:
-        self.connection.execute(
+    ) -> bool:
+        """Recorded only while the claim that made `attempts` holds (not requeued since)."""
+        done = self.connection.execute(
             update(outbox)
-            .where(outbox.c.message_id == message_id)
+            .where(*_claim_holds(message_id, attempts))
             .values(
-                attempts=attempts,
                 status="pending" if retry_at is not None else "failed",
                 next_attempt_at=retry_at if retry_at is not None else outbox.c.next_attempt_at,
                 last_error=error[:500],
             )
         )
+        return done.rowcount == 1
 
     def messages_of_order(self, order_id: str) -> list[dict[str, Any]]:
         rows = self.connection.execute(
@@ -259,6 +304,7 @@ class SqlCommerce:
                 outbox.c.attempts,
                 outbox.c.sent_at,
                 outbox.c.last_error,
+                outbox.c.next_attempt_at,
             )
             .where(outbox.c.order_id == order_id)
             .order_by(outbox.c.created_at)
@@ -270,13 +316,15 @@ class SqlCommerce:
     def add_unmatched(
         self, processor: str, sale_id: str | None, reason: str, payload: Any, now: datetime
     ) -> None:
+        """Kept as it came, except what neither database can store: a NUL becomes U+FFFD and
+        a sale id over 128 characters is cut, so a hostile ping is kept, not a 500."""
         self.connection.execute(
             insert(unmatched_pings).values(
                 ping_id=new_id("ping", now),
                 processor=processor,
-                sale_id=sale_id,
-                reason=reason[:200],
-                payload=payload,
+                sale_id=_storable_sale_id(sale_id),
+                reason=_storable(reason)[:200],
+                payload=_storable(payload),
                 created_at=now,
             )
         )
@@ -299,6 +347,48 @@ class SqlCommerce:
         if isinstance(oldest, str):  # SQLite answers MIN() of a datetime column as text
             oldest = decode_time(oldest)
         return int(row[0]), oldest
+
+    def lock_subjects(self, subjects: Sequence[str]) -> None:
+        """PostgreSQL: a transaction-scoped advisory lock per subject, taken in the order of
+        their keys, so two transactions naming the same subjects never deadlock. SQLite
+        needs none: its one writer (BEGIN IMMEDIATE) holds every subject already."""
+        if self.connection.dialect.name != "postgresql":
+            return
+        for key in sorted({_lock_key(subject) for subject in subjects}):
+            self.connection.execute(_ADVISORY_LOCK, {"key": key})
+
+    def failures_within(self, windows: Mapping[str, datetime]) -> dict[str, tuple[int, datetime]]:
+        """Per subject, in one query: its failures after its own `since`, and the oldest."""
+        if not windows:
+            return {}
+        failure = redemption_failures.c
+        rows = self.connection.execute(
+            select(failure.subject, func.count(), func.min(failure.at))
+            .where(
+                or_(
+                    *(
+                        and_(failure.subject == subject, failure.at > since)
+                        for subject, since in windows.items()
+                    )
+                )
+            )
+            .group_by(failure.subject)
+        )
+        found: dict[str, tuple[int, datetime]] = {}
+        for subject, count, at in rows:
+            # SQLite answers MIN() of a datetime column as text.
+            found[subject] = (int(count), decode_time(at) if isinstance(at, str) else at)
+        return found
+
+    def add_failures(self, subjects: Sequence[str], now: datetime) -> None:
+        if subjects:
+            self.connection.execute(
+                insert(redemption_failures),
+                [
+                    {"failure_id": new_id("fail", now), "subject": subject, "at": now}
+                    for subject in subjects
+                ],
+            )
 
     # --- lost codes and reconciliation (issue 5, engineer B) ---------------------------------
 
@@ -344,7 +434,10 @@ class SqlCommerce:
     def unmatched_recorded(self, processor: str, sale_id: str) -> bool:
         row = self.connection.execute(
             select(unmatched_pings.c.ping_id)
-            .where(unmatched_pings.c.processor == processor, unmatched_pings.c.sale_id == sale_id)
+            .where(
+                unmatched_pings.c.processor == processor,
+                unmatched_pings.c.sale_id == _storable_sale_id(sale_id),
+            )
             .limit(1)
         ).first()
         return row is not None
@@ -487,6 +580,29 @@ class SqlCommerce:
             .order_by(processor_events.c.restored_at, processor_events.c.event_id)
         ).all()
         return [str(row[0]) for row in rows]
+
+
+def _storable(value: Any) -> Any:
+    """JSON as given, with every NUL (which PostgreSQL refuses in text and JSONB) as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_storable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _storable_sale_id(sale_id: str | None) -> str | None:
+    return None if sale_id is None else _storable(sale_id)[:128]
+
+
+def _claim_holds(message_id: str, attempts: int) -> tuple[Any, ...]:
+    return (
+        outbox.c.message_id == message_id,
+        outbox.c.status == "pending",
+        outbox.c.attempts == attempts,
+    )
 
 
 def _sale_lock_key(processor: str, key: str) -> str:

@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from tally.adapters.db.audit import exact_sum, summed
 from tally.adapters.db.fast import (
     FastStatement,
     Json,
@@ -76,6 +77,7 @@ def _lot(row: Any, prefix: str = "") -> Lot:
         voided_at=decode_time(column("voided_at")),
         reason=column("reason"),
         metadata=decode_json(column("metadata")),
+        platform_id=column("platform_id"),
     )
 
 
@@ -107,6 +109,7 @@ _HOLD_COLUMNS = (
     holds.c.metadata,
     holds.c.tool,
     holds.c.quantity,
+    holds.c.platform_id,
     hold_allocations.c.lot_id,
     hold_allocations.c.amount.label("allocated"),
 )
@@ -130,6 +133,7 @@ def _holds(rows: Sequence[Any]) -> list[Hold]:
                 metadata=decode_json(row.metadata),
                 tool=row.tool,
                 quantity=row.quantity,
+                platform_id=row.platform_id,
             )
         hold.allocations.append(Allocation(row.lot_id, row.allocated))
     return list(found.values())
@@ -295,6 +299,7 @@ def _rows_of(
             "voided_at": lot.voided_at,
             "reason": lot.reason,
             "metadata": json_or_null(lot.metadata),
+            "platform_id": lot.platform_id,
         }
         for lot in account.new_lots
     ]
@@ -325,6 +330,7 @@ def _rows_of(
             "metadata": json_or_null(hold.metadata),
             "tool": hold.tool,
             "quantity": hold.quantity,
+            "platform_id": hold.platform_id,
         }
         for hold in account.new_holds
     ]
@@ -420,7 +426,6 @@ class SqlAccounts:
         self,
         account_ids: Sequence[str],
         *,
-        create_at: datetime | None = None,
         lot_ids: Sequence[str] = (),
         hold_ids: Sequence[str] = (),
     ) -> dict[str, Account]:
@@ -441,11 +446,9 @@ class SqlAccounts:
                 loaded[account_id] = self._complete(
                     found, is_new=False, lot_ids=lot_ids, hold_ids=hold_ids
                 )
-        for account_id in ordered:  # SQLite, and accounts that must be created first
+        for account_id in ordered:  # SQLite, and a single account
             if account_id not in loaded:
-                account = self.get_for_update(
-                    account_id, create_at=create_at, lot_ids=lot_ids, hold_ids=hold_ids
-                )
+                account = self.get_for_update(account_id, lot_ids=lot_ids, hold_ids=hold_ids)
                 if account is not None:
                     loaded[account_id] = account
         return loaded
@@ -603,10 +606,11 @@ class SqlJournal:
         return [_entry(row) for row in rows]
 
     def totals(self) -> dict[str, int]:
+        """Credits per entry type over the whole journal, exact however large it grows."""
         rows = self.connection.execute(
-            select(entries.c.type, func.sum(entries.c.amount)).group_by(entries.c.type)
+            select(entries.c.type, *exact_sum(entries.c.amount, "amount")).group_by(entries.c.type)
         )
-        return {row[0]: int(row[1] or 0) for row in rows}
+        return {row.type: summed(row, "amount") for row in rows}
 
     def seq_of(self, account_id: str, entry_id: str) -> int | None:
         found: int | None = self.connection.execute(

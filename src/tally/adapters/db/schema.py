@@ -111,6 +111,8 @@ lots = Table(
     Column("voided_at", UTCDateTime),
     Column("reason", Text),
     Column("metadata", Json),
+    # The platform that granted it (null: Tally itself); its metadata is shown only to it.
+    Column("platform_id", String(64)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("remaining BETWEEN 0 AND amount", name="remaining_within_amount"),
     CheckConstraint("is_open = (remaining > 0)", name="open_iff_remaining"),
@@ -146,6 +148,9 @@ holds = Table(
     Column("metadata", Json),
     Column("tool", String(64)),
     Column("quantity", BigInteger),
+    # The platform that placed it (null: Tally itself): the only one that may capture or
+    # release it.
+    Column("platform_id", String(64)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("captured BETWEEN 0 AND amount", name="captured_within_amount"),
     CheckConstraint("quantity IS NULL OR quantity > 0", name="quantity_positive"),

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from tally.adapters.db.audit import exact_sum, summed
 from tally.adapters.db.commerce import _order
 from tally.adapters.db.schema import (
     accounts,
@@ -255,15 +256,16 @@ class SqlStaff:
             day = func.date(entries.c.created_at)
         amount = entries.c.amount
 
-        def total(condition: Any) -> Any:
-            return func.coalesce(func.sum(case((condition, amount), else_=0)), 0)
+        def total(condition: Any, name: str) -> list[Any]:
+            # Exact past 2^63 on SQLite too: a day's credits are unbounded in count.
+            return exact_sum(case((condition, amount), else_=0), name)
 
         query = (
             select(
                 day.label("day"),
-                total(and_(entries.c.type == "grant", lots.c.source.in_(SOLD_SOURCES))),
-                total(entries.c.type.in_(SPENT_TYPES)),
-                total(entries.c.type == "expire"),
+                *total(and_(entries.c.type == "grant", lots.c.source.in_(SOLD_SOURCES)), "sold"),
+                *total(entries.c.type.in_(SPENT_TYPES), "spent"),
+                *total(entries.c.type == "expire", "expired"),
             )
             .select_from(entries.outerjoin(lots, entries.c.lot_id == lots.c.lot_id))
             .where(
@@ -277,5 +279,7 @@ class SqlStaff:
         for row in self.connection.execute(query):
             value = row[0]
             when = value if isinstance(value, date) else date.fromisoformat(str(value))
-            found.append(DayTotals(when, int(row[1]), int(row[2]), int(row[3])))
+            found.append(
+                DayTotals(when, summed(row, "sold"), summed(row, "spent"), summed(row, "expired"))
+            )
         return found

@@ -29,6 +29,7 @@ from tally.domain.errors import (
     SignInFailed,
     TallyError,
 )
+from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import tally_dependency
 from tally.entrypoints.views import lot_status
 from tally.service import ledger, orders, refunds, staff
@@ -247,7 +248,7 @@ def sign_in(
     expected = request.cookies.get(SIGN_IN_COOKIE)
     if not _same_origin(request, tally) or not expected or not staff.csrf_matches(expected, csrf):
         return _refused(CsrfRejected("the sign-in form is stale or came from another site"))
-    address = request.client.host if request.client else None
+    address = peer_address(request.scope)
     try:
         made = staff.sign_in(email, password, tally.uow(), client_address=address)
     except SignInFailed:
@@ -259,6 +260,7 @@ def sign_in(
             email=email[:320],
         )
     except RateLimited as error:
+        note_rate_limited(request.scope, error)
         return _refused(error)
     response = _secured(RedirectResponse(_safe_next(next_path), 303))
     response.set_cookie(

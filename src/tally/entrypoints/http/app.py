@@ -29,7 +29,7 @@ from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH, MAX_AMOUNT
 from tally.entrypoints.http import admin, commerce, openapi, schemas, v1
 from tally.entrypoints.http import orders as orders_http
 from tally.entrypoints.http import refunds as refunds_http
-from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, problem_body
+from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, note_rate_limited, problem_body
 from tally.entrypoints.http.metrics import CONTENT_TYPE, Metrics
 from tally.entrypoints.worker import Worker
 from tally.service import ledger
@@ -47,6 +47,7 @@ def _problem(
         extra["WWW-Authenticate"] = "Bearer"
     if isinstance(error, RateLimited):
         extra["Retry-After"] = str(error.retry_after)
+        note_rate_limited(request.scope, error)
     return Response(
         problem_body(error, request.scope.get("state", {}).get("request_id")),
         error.status,
@@ -86,7 +87,7 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        jobs = Worker(tally) if worker else None
+        jobs = Worker(tally, metrics=metrics) if worker else None
         if jobs is not None:
             jobs.start()
         try:
@@ -108,6 +109,8 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     app.add_middleware(Edge, metrics=metrics)
     app.include_router(v1.router)
     app.include_router(commerce.router)
+    if not tally.settings.production:
+        app.include_router(commerce.development_router)
     app.include_router(orders_http.router)  # issue 5: /v1/orders, /lost-code
     app.include_router(admin.router)  # issue 5: the support console, /admin
     app.include_router(refunds_http.router)  # issue 5: /v1/orders/{id}/refund

@@ -24,6 +24,7 @@ from tally.domain.errors import (
     CodeInvalidOrUsed,
     DatabaseUnavailable,
     EventMalformed,
+    InvalidEmail,
     InvalidInput,
     NotFound,
     RateLimited,
@@ -31,17 +32,19 @@ from tally.domain.errors import (
 )
 from tally.domain.keys import Principal
 from tally.entrypoints.http import schemas
+from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import (
     ERRORS,
     Caller,
+    ClientAddress,
     IdempotencyKey,
     json_response,
     require_key,
     tally_dependency,
     tally_of,
 )
-from tally.entrypoints.views import lot_view
-from tally.service import commerce, ledger, refunds
+from tally.entrypoints.views import lot_view, wait_in_words
+from tally.service import commerce, ledger, limits, refunds
 from tally.service.ports import ProcessorEvent
 
 SANDBOX_TIMEOUT_SECONDS: Final = 10.0
@@ -55,6 +58,9 @@ Spend = Annotated[Principal, Depends(Caller("spend"))]
 Support = Annotated[Principal, Depends(Caller("support"))]
 
 router = APIRouter()
+#: Routes that do not exist in production (create_app leaves them out there): the sandbox's
+#: Pay button, which makes paid orders for anyone, and the dev mailbox, which shows codes.
+development_router = APIRouter()
 
 
 def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -67,6 +73,22 @@ def _accepted(**body: Any) -> Response:
 
 def _fulfil(tally: Tally, sale: Sale) -> commerce.Fulfilment:
     return commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+
+
+def _unusable(
+    tally: Tally, processor: str, sale_id: str | None, payload: object, error: InvalidInput
+) -> Response:
+    """A paid sale reported with what Tally cannot act on (an unusable address, a price out
+    of range): kept for support and answered 200, since the processor would resend the same
+    thing for days; never fulfilled to a guess."""
+    reason = f"{error.code}: {error.detail}"
+    commerce.record_unmatched(processor, sale_id, reason, payload, tally.uow())
+    return _accepted(ignored=error.code, reason=error.detail)
+
+
+def email_field_error(error: InvalidEmail) -> str:
+    """What a form says next to an address it refused."""
+    return f"Enter one email address, such as name@example.com. {error.extra.get('reason', '')}"
 
 
 # --- webhooks -----------------------------------------------------------------------------------
@@ -91,22 +113,24 @@ async def gumroad_webhook(
     request: Request, token: Annotated[str, Path(max_length=200)]
 ) -> Response:
     """Fulfil a Gumroad sale once. A wrong token or seller is a 404 with no side effect; a
-    temporary failure is a 503, so Gumroad tries again."""
+    temporary failure is a 503, so Gumroad tries again. The token says whose ping it is:
+    Gumroad's, or (in development) the sandbox checkout's own."""
     tally = tally_of(request)
-    if not payments.matches_secret(token, tally.gumroad_token):
+    processor = tally.webhook_processor(token)
+    if processor is None:
         raise NotFound("no such endpoint")
     ping = await _ping(request)
-    if not payments.matches_secret(ping.get("seller_id", ""), tally.gumroad_seller_id):
+    if not payments.matches_secret(ping.get("seller_id", ""), tally.seller_id(processor)):
         raise NotFound("no such endpoint")
     resource = ping.get("resource_name") or "sale"
     sale_id = ping.get("sale_id") or None
     if resource in _GUMROAD_REVERSALS and sale_id is not None:
-        return await run_in_threadpool(_gumroad_reversal, tally, ping, resource, sale_id)
+        return await run_in_threadpool(_gumroad_reversal, tally, processor, ping, resource, sale_id)
     if resource != "sale":
         return _accepted(ignored=resource)  # subscriptions: not sold yet
     if sale_id is None:
         raise InvalidInput("the ping has no sale_id")
-    return await run_in_threadpool(_gumroad_sale, tally, ping, sale_id)
+    return await run_in_threadpool(_gumroad_sale, tally, processor, ping, sale_id)
 
 
 # --- refunds and disputes reported by the processors (issue 5, engineer A) ------------------------
@@ -116,8 +140,9 @@ async def gumroad_webhook(
 _GUMROAD_REVERSALS: Final = ("refund", "dispute", "dispute_won")
 
 
-def _gumroad_reversal(tally: Tally, ping: dict[str, str], resource: str, sale_id: str) -> Response:
-    processor = "sandbox" if tally.settings.payments == "sandbox" else "gumroad"
+def _gumroad_reversal(
+    tally: Tally, processor: str, ping: dict[str, str], resource: str, sale_id: str
+) -> Response:
     key = f"{resource}:{sale_id}"
     refunded = None  # the whole sale, unless Gumroad says a part, and how much in all
     partial = ping.get("partially_refunded", "").lower() == "true"
@@ -193,9 +218,9 @@ def _record(tally: Tally, event: ProcessorEvent) -> str:
     )
 
 
-def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
+def _gumroad_sale(tally: Tally, processor: str, ping: dict[str, str], sale_id: str) -> Response:
     settings = tally.settings
-    if settings.gumroad_access_token:
+    if processor == "gumroad" and settings.gumroad_access_token:  # Gumroad never saw the sandbox
         api = payments.GumroadApi(settings.gumroad_api_base, settings.gumroad_access_token)
         try:
             confirmed = api.sale(sale_id)
@@ -208,14 +233,16 @@ def _gumroad_sale(tally: Tally, ping: dict[str, str], sale_id: str) -> Response:
             return _accepted(ignored="unconfirmed")
         ping = {**ping, **{k: v for k, v in confirmed.items() if k in _CONFIRMED_FIELDS}}
     package = payments.gumroad_package(tally.catalog, ping)
-    processor = "sandbox" if settings.payments == "sandbox" else "gumroad"
     if package is None:
         commerce.record_unmatched(
             processor, sale_id, "no package for this product", ping, tally.uow()
         )
         return _accepted(ignored="unknown product")
-    now = tally.clock()
-    done = _fulfil(tally, payments.gumroad_sale(ping, package, processor=processor, now=now))
+    try:
+        sale = payments.gumroad_sale(ping, package, processor=processor, now=tally.clock())
+    except InvalidInput as error:
+        return _unusable(tally, processor, sale_id, ping, error)
+    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -276,7 +303,13 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
         )
         return _accepted(ignored="unknown product")
     quantity = next((q for price, q in items if price == package.stripe_price_id), 1)
-    done = _fulfil(tally, payments.stripe_sale(session, package, quantity, now=tally.clock()))
+    try:
+        sale = payments.stripe_sale(session, package, quantity, now=tally.clock())
+    except EventMalformed:
+        raise  # not in Stripe's shape: the webhook's 400, kept for support there
+    except InvalidInput as error:  # in shape, but nothing Tally can fulfil
+        return _unusable(tally, "stripe", str(session.get("id")), dict(session), error)
+    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -290,22 +323,22 @@ class RedemptionIn(BaseModel):
     account_id: Annotated[str, Field(min_length=1, max_length=128)]
 
 
+_LIMITED: Final = {**ERRORS, 429: ERRORS[409] | {"description": "Too many failed attempts"}}
+
+
 @router.post(
     "/v1/redemptions",
     status_code=201,
     response_model=schemas.LotOut,
-    responses={**ERRORS, 429: ERRORS[409] | {"description": "Too many failed attempts"}},
+    responses=_LIMITED,
     tags=["codes"],
 )
 def redeem(
     tally: App,
     body: RedemptionIn,
     who: Spend,
+    client_address: ClientAddress,
     idempotency_key: IdempotencyKey = None,
-    client_address: Annotated[
-        str | None,
-        Header(alias="X-Client-Address", max_length=64, description="the person's IP address"),
-    ] = None,
 ) -> Response:
     key = require_key(idempotency_key)
     unit = tally.uow()
@@ -319,14 +352,36 @@ def redeem(
         ),
         unit,
         pepper=tally.pepper,
-        limit=tally.settings.redeem_failures_per_hour,
+        allowance=_allowance(tally),
     )
     return json_response(lot_view(lot, tally.clock()), 201, replayed=unit.replayed)
 
 
-@router.get("/v1/codes/{code}", tags=["codes"], responses=ERRORS)
-def code_info(tally: App, code: Annotated[str, Path(max_length=64)], _: Support) -> Response:
-    found = commerce.look_up_code(code, tally.uow(), pepper=tally.pepper)
+def _allowance(tally: Tally) -> limits.Allowance:
+    settings = tally.settings
+    return limits.Allowance(
+        per_subject=settings.redeem_failures_per_hour,
+        per_platform=settings.redeem_failures_per_platform_per_hour,
+        page=settings.redeem_page_failures_per_hour,
+    )
+
+
+@router.get("/v1/codes/{code}", tags=["codes"], responses=_LIMITED)
+def code_info(
+    tally: App,
+    code: Annotated[str, Path(max_length=64)],
+    who: Support,
+    client_address: ClientAddress,
+) -> Response:
+    """A miss counts as a failed redemption through this platform (429 past its limits)."""
+    found = commerce.look_up_code(
+        code,
+        tally.uow(),
+        pepper=tally.pepper,
+        platform_id=who.platform_id,
+        client_address=client_address,
+        allowance=_allowance(tally),
+    )
     c, order = found.code, found.order
     return json_response(
         {
@@ -369,29 +424,36 @@ def redeem_form(
     code: Annotated[str, Form(max_length=64)],
     account: Annotated[str, Form(max_length=128)],
 ) -> HTMLResponse:
-    account_id = account.strip().lower()
-    address = request.client.host if request.client else None
+    # Exactly as typed, case and all: account ids are the platforms' own user ids, not emails,
+    # and `User_A` and `user_a` are two people. Only surrounding spaces (never valid) go.
+    account_id = account.strip()
     try:
         lot = commerce.redeem(
             commerce.Redeem(
                 code=code,
                 account_id=account_id,
-                client_address=address,
+                client_address=peer_address(request.scope),
                 idempotency_key=f"page-{secrets.token_hex(12)}",
             ),
             tally.uow(),
             pepper=tally.pepper,
-            limit=tally.settings.redeem_failures_per_hour,
+            allowance=_allowance(tally),
         )
     except (CodeInvalidOrUsed, RateLimited, InvalidInput) as error:
-        status = error.status
-        return _page(
+        limited = error if isinstance(error, RateLimited) else None
+        page = _page(
             "redeem.html.j2",
-            status,
+            error.status,
             title="Redeem a code",
-            error=error.detail,
+            error=None if limited else error.detail,
+            retry_in=wait_in_words(limited.retry_after) if limited else None,
+            limit=limited.limit if limited else None,
             account_id=account_id,
         )
+        if limited:
+            page.headers["Retry-After"] = str(limited.retry_after)
+            note_rate_limited(request.scope, limited)
+        return page
     available = ledger.get_balance(account_id, tally.uow()).available
     shown = {"amount": lot.amount, "expires_at": values.format_time(lot.expires_at)}
     return _page(
@@ -419,6 +481,8 @@ def checkout(
         return RedirectResponse(f"https://gumroad.com/l/{permalink}", 303)
     if settings.payments == "stripe":
         return RedirectResponse(_stripe_checkout(tally, package.id, email, gift_email), 303)
+    if not settings.sandbox:
+        raise NotFound("the sandbox checkout is off")
     return _page(
         "checkout.html.j2",
         title=f"Buy {package.name}",
@@ -431,6 +495,9 @@ def checkout(
 def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str | None) -> str:
     import stripe
 
+    # Stripe is handed only addresses the webhook would accept back.
+    email = values.email(email) if email else None
+    gift = values.email(gift, field="gift_email") if gift else None
     settings = tally.settings
     package = tally.catalog.packages[package_id]
     if not settings.stripe_api_key or not package.stripe_price_id:
@@ -456,40 +523,62 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
     return str(session.url)
 
 
-@router.post("/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False)
+@development_router.post(
+    "/checkout/{package_id}/pay", response_class=HTMLResponse, include_in_schema=False
+)
 def sandbox_pay(
     tally: App,
     package_id: Annotated[str, Path(max_length=64)],
-    email: Annotated[str, Form(max_length=320)],
+    # Blank is the validator's to refuse, as a field error on the form, like any bad address.
+    email: Annotated[str, Form(max_length=320)] = "",
     gift_email: Annotated[str, Form(max_length=320)] = "",
 ) -> HTMLResponse:
     """The sandbox's Pay button: a Gumroad-format ping to Tally's own webhook, over HTTP."""
-    if tally.settings.payments != "sandbox":
+    if not tally.settings.sandbox:
         raise NotFound("the sandbox checkout is off")
     package = tally.catalog.packages.get(package_id)
     if package is None:
         raise NotFound(f"no package {package_id!r}")
+    errors: dict[str, str] = {}
+    buyer = gift = ""
+    try:
+        buyer = values.email(email)
+    except InvalidEmail as error:
+        errors["email"] = email_field_error(error)
+    try:
+        gift = values.email(gift_email, field="gift_email") if gift_email.strip() else ""
+    except InvalidEmail as error:
+        errors["gift_email"] = email_field_error(error)
+    if errors:  # the form again, with what was typed and what to fix
+        return _page(
+            "checkout.html.j2",
+            422,
+            title=f"Buy {package.name}",
+            package=package,
+            email=email,
+            gift_email=gift_email,
+            errors=errors,
+        )
     sale_id = f"sandbox-{secrets.token_hex(8)}"
-    gift = gift_email.strip()
     ping = {
-        "seller_id": tally.gumroad_seller_id,
+        "seller_id": tally.seller_id("sandbox"),
         "sale_id": sale_id,
         "sale_timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "order_number": str(secrets.randbelow(10**9)),
         "product_id": package.gumroad_product_id or package.id,
         "product_permalink": f"{tally.settings.public_url}/l/{package.gumroad_permalink}",
         "product_name": package.name,
-        "email": gift or email.strip(),
+        "email": gift or buyer,
         "price": "0" if gift else str(package.price),
         "currency": package.currency.lower(),
         "quantity": "1",
         "resource_name": "sale",
         "test": "true",
         "is_gift_receiver_purchase": "true" if gift else "false",
-        "gifter_email": email.strip() if gift else "",
+        "gifter_email": buyer if gift else "",
         "refunded": "false",
     }
-    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.gumroad_token}"
+    url = f"{tally.settings.public_url}/webhooks/gumroad/{tally.sandbox_token}"
     try:
         answer = httpx.post(url, data=ping, timeout=SANDBOX_TIMEOUT_SECONDS)
     except httpx.TransportError as error:
@@ -498,13 +587,13 @@ def sandbox_pay(
         ) from error
     if answer.status_code != 200:
         raise TallyError(f"the webhook answered {answer.status_code}")
-    shown = gift or email.strip()
+    shown = gift or buyer
     return _page(
         "paid.html.j2", title="Thank you", email=shown, mailbox=not tally.settings.smtp_url
     )
 
 
-@router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
+@development_router.get("/dev/mailbox", response_class=HTMLResponse, include_in_schema=False)
 def mailbox(tally: App) -> HTMLResponse:
     if tally.settings.production or tally.settings.smtp_url:
         raise NotFound("the development mailbox is off")

@@ -1,5 +1,6 @@
 """The edge of every HTTP request, as plain ASGI middleware: a request id, a body limit, one
-structured log line, the request metrics, and a problem+json 500 for anything unexpected."""
+structured log line, the request metrics, and a problem+json 500 for anything unexpected; and
+what the routes read of the client there: its address, and the rate limit it tripped."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from typing import Any, Final
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally.domain.errors import InternalError, PayloadTooLarge, TallyError
+from tally.domain import values
+from tally.domain.errors import (
+    InternalError,
+    InvalidClientAddress,
+    PayloadTooLarge,
+    RateLimited,
+    TallyError,
+)
 from tally.entrypoints.http.metrics import Metrics
 
 log = structlog.get_logger("tally.http")
@@ -28,6 +36,25 @@ def problem_body(error: TallyError, request_id: str | None = None) -> bytes:
     if request_id:
         body["request_id"] = request_id
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+def peer_address(scope: Scope) -> values.ClientAddress | None:
+    """The address the pages' rate limits count a visitor under: the connection's peer (behind
+    a proxy, what uvicorn takes from a trusted `X-Forwarded-For`), normalised; None when the
+    server names none it can parse (a Unix socket, a test client)."""
+    client = scope.get("client")
+    if not client:
+        return None
+    try:
+        return values.client_address(str(client[0]))
+    except InvalidClientAddress:
+        return None
+
+
+def note_rate_limited(scope: Scope, error: RateLimited) -> None:
+    """Tell the edge which limit refused this request: it counts it in
+    `tally_rate_limited_total{limit}` and logs a `rate_limited` event."""
+    scope.setdefault("state", {})["rate_limited"] = (error.limit or "unnamed", error.retry_after)
 
 
 class Edge:
@@ -88,6 +115,18 @@ class Edge:
                 duration_ms=round(elapsed * 1000, 2),
                 platform_id=scope["state"].get("platform_id"),
             )
+            tripped = scope["state"].get("rate_limited")
+            if tripped is not None:
+                limit, retry_after = tripped
+                self.metrics.rate_limited.labels(limit).inc()
+                log.warning(
+                    "rate_limited",
+                    request_id=request_id,
+                    limit=limit,
+                    route=path,
+                    retry_after=retry_after,
+                    platform_id=scope["state"].get("platform_id"),
+                )
 
 
 def _route_of(scope: Scope) -> str:

@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tally.bootstrap import Tally
 from tally.domain import values
 from tally.domain.commerce import Order
-from tally.domain.errors import RateLimited
+from tally.domain.errors import InvalidEmail, RateLimited
 from tally.domain.keys import Principal
-from tally.entrypoints.http.commerce import _page
+from tally.entrypoints.http.commerce import _page, email_field_error
+from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import (
     DEFAULT_PAGE,
     ERRORS,
@@ -26,6 +27,7 @@ from tally.entrypoints.http.v1 import (
     require_key,
     tally_dependency,
 )
+from tally.entrypoints.views import wait_in_words
 from tally.service import orders
 from tally.service.orders import OrderSummary
 
@@ -171,13 +173,13 @@ def lost_code_page() -> HTMLResponse:
 def lost_code_form(
     request: Request,
     tally: App,
-    email: Annotated[str, Form(max_length=orders.EMAIL_MAX)],
     order_number: Annotated[str, Form(max_length=orders.ORDER_NUMBER_MAX)],
+    email: Annotated[str, Form(max_length=orders.EMAIL_MAX)] = "",  # blank: a field error
 ) -> HTMLResponse:
-    address = request.client.host if request.client else None
+    address = peer_address(request.scope)
     try:
         orders.request_lost_code(
-            email,
+            values.email(email),
             order_number,
             tally.uow(),
             client_address=address,
@@ -186,8 +188,25 @@ def lost_code_form(
             catalog=tally.catalog,
             limit=tally.settings.lost_code_requests_per_hour,
         )
+    except InvalidEmail as error:
+        # Says nothing about orders: only that what was typed is not an address.
+        return _page(
+            "lost_code.html.j2",
+            error.status,
+            title=LOST_CODE_TITLE,
+            errors={"email": email_field_error(error)},
+            email=email,
+            order_number=order_number,
+        )
     except RateLimited as error:
-        page = _page("lost_code.html.j2", error.status, title=LOST_CODE_TITLE, error=error.detail)
+        page = _page(
+            "lost_code.html.j2",
+            error.status,
+            title=LOST_CODE_TITLE,
+            error="Too many requests came from your network in the last hour. "
+            f"Please try again in {wait_in_words(error.retry_after)}.",
+        )
         page.headers["Retry-After"] = str(error.retry_after)
+        note_rate_limited(request.scope, error)
         return page
     return _page("lost_code.html.j2", title=LOST_CODE_TITLE, sent=LOST_CODE_SENT)

@@ -28,8 +28,12 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: One bare address; the use case checks it (`invalid_email`, with the reason).
+EmailIn = Annotated[str, Field(max_length=320, json_schema_extra={"format": "email"})]
+
+
 class AccountIn(_In):
-    email: Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    email: EmailIn | None = None
 
 
 class GrantIn(_In):

@@ -64,6 +64,25 @@ async def tally_dependency(request: Request) -> Tally:
 App = Annotated[Tally, Depends(tally_dependency)]
 
 
+def client_address_header(
+    x_client_address: Annotated[
+        str | None,
+        Header(
+            alias="X-Client-Address",
+            max_length=values.CLIENT_ADDRESS_MAX_LENGTH,
+            description="the person's IP address, as the platform saw it; the rate limits "
+            "count per address (an IPv6 /64 is one), so send it whenever a person is behind "
+            "the request",
+        ),
+    ] = None,
+) -> values.ClientAddress | None:
+    """`X-Client-Address`, normalised; a malformed one is `422 invalid_client_address`."""
+    return None if x_client_address is None else values.client_address(x_client_address)
+
+
+ClientAddress = Annotated[values.ClientAddress | None, Depends(client_address_header)]
+
+
 class Caller:
     """A dependency: the platform behind the request's key, which must hold `scope`. Every
     request reads its key, so a revoked key stops working at once."""
@@ -199,14 +218,14 @@ def balance(
 def lots(
     tally: App,
     account_id: AccountId,
-    _: Read,
+    who: Read,
     limit: Limit = DEFAULT_PAGE,
     starting_after: Cursor = None,
 ) -> Response:
     page, now = ledger.list_lots(
         account_id, tally.uow(), limit=limit, starting_after=starting_after
     )
-    data = [lot_view(lot, now) for lot in page.items]
+    data = [lot_view(lot, now, who.platform_id) for lot in page.items]
     return json_response({"data": data, "has_more": page.has_more})
 
 
@@ -214,12 +233,12 @@ def lots(
 def entries(
     tally: App,
     account_id: AccountId,
-    _: Read,
+    who: Read,
     limit: Limit = DEFAULT_PAGE,
     starting_after: Cursor = None,
 ) -> Response:
     page = ledger.list_entries(account_id, tally.uow(), limit=limit, starting_after=starting_after)
-    data = [entry_view(entry) for entry in page.items]
+    data = [entry_view(entry, who.platform_id) for entry in page.items]
     return json_response({"data": data, "has_more": page.has_more})
 
 
@@ -276,7 +295,7 @@ def void(
         ),
         unit,
     )
-    return _answer(lot_view(lot, tally.clock()), unit)
+    return _answer(lot_view(lot, tally.clock(), who.platform_id), unit)
 
 
 # --- spending -----------------------------------------------------------------------------

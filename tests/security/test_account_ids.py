@@ -1,0 +1,88 @@
+"""Account ids are exact: they are the platforms' own user ids, so `User_A@Example.com` and
+`user_a@example.com` are two wallets, on the public /redeem page and through the API alike."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from tally.adapters.mail import Templates
+from tally.domain import codes
+from tally.domain.commerce import Sale
+from tally.service import commerce
+from tests.security.conftest import Shop
+from tests.support import Outbox
+
+MIXED = "User_A@Example.com"
+LOWER = "user_a@example.com"
+
+
+def _code(shop: Shop) -> str:
+    """A code for a Pro package (25 credits), as its email carries it."""
+    tally = shop.tally
+    sale = Sale(
+        processor="gumroad",
+        sale_id=f"sale-{secrets.token_hex(4)}",
+        package=tally.catalog.packages["pro"],
+        email="buyer@example.com",
+        purchased_at=tally.clock(),
+        price=2000,
+    )
+    commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+    mail = Outbox()
+    commerce.deliver_mail(tally.uow(), mail, Templates(), tally.links)
+    (email,) = mail.sent
+    return next(word for word in email.text.split() if codes.normalise(word) is not None)
+
+
+def _available(shop: Shop, account_id: str) -> int | None:
+    """The account's available credits; None when no such account exists."""
+    answer = shop.client.get(f"/v1/accounts/{account_id}/balance")
+    if answer.status_code == 404 and answer.json()["code"] == "account_not_found":
+        return None
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["available"])
+
+
+def test_the_redeem_page_credits_the_account_id_exactly_as_typed(shop: Shop) -> None:
+    page = shop.client.post("/redeem", data={"code": _code(shop), "account": MIXED})
+    assert page.status_code == 200, page.text
+    assert f"added to {MIXED}" in page.text
+    assert (_available(shop, MIXED), _available(shop, LOWER)) == (25, None)
+
+    # Surrounding spaces, which no account id may hold, are all the page takes away.
+    page = shop.client.post("/redeem", data={"code": _code(shop), "account": f"  {MIXED}\t"})
+    assert page.status_code == 200, page.text
+    assert (_available(shop, MIXED), _available(shop, LOWER)) == (50, None)
+
+
+def test_the_redeem_page_lets_people_type_any_account_id(shop: Shop) -> None:
+    """Account ids are not emails (`user:42`), and phones must not capitalise them."""
+    form = shop.client.get("/redeem").text
+    found = re.search(r'<input id="account"[^>]*>', form)
+    assert found is not None
+    field = found.group(0)
+    assert 'type="text"' in field
+    assert 'autocapitalize="none"' in field
+    page = shop.client.post("/redeem", data={"code": _code(shop), "account": "User:42"})
+    assert page.status_code == 200, page.text
+    assert (_available(shop, "User:42"), _available(shop, "user:42")) == (25, None)
+
+
+def test_the_api_credits_the_account_id_exactly_as_sent(shop: Shop) -> None:
+    redeemed = shop.client.post(
+        "/v1/redemptions",
+        json={"code": _code(shop), "account_id": MIXED},
+        headers={"Idempotency-Key": "redeem-mixed"},
+    )
+    assert redeemed.status_code == 201, redeemed.text
+    assert redeemed.json()["account_id"] == MIXED
+    assert (_available(shop, MIXED), _available(shop, LOWER)) == (25, None)
+
+    granted = shop.client.post(
+        f"/v1/accounts/{LOWER}/grants",
+        json={"amount": 3, "source": "promotional", "reason": "welcome"},
+        headers={"Idempotency-Key": "grant-lower"},
+    )
+    assert granted.status_code == 201, granted.text
+    assert (_available(shop, MIXED), _available(shop, LOWER)) == (25, 3)

@@ -1,0 +1,315 @@
+"""Rate limits on failed redemptions hold under concurrency, cannot be turned against a person,
+cap a platform however it rotates accounts and addresses, and count code look-ups too.
+
+The scheme is service/limits.py's: through a platform, per account, per address and per
+platform; on the public /redeem page, per address and for the page, never per account."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from tally.adapters.db.engine import Database
+from tally.adapters.db.schema import redemption_failures
+from tally.adapters.db.uow import SqlUnitOfWork
+from tally.adapters.mail import Templates
+from tally.domain import codes, values
+from tally.domain.commerce import Sale
+from tally.domain.errors import CodeInvalidOrUsed, RateLimited, SignInFailed
+from tally.entrypoints.http import edge
+from tally.service import commerce, limits, orders, staff
+from tests.conftest import DATABASES
+from tests.security.conftest import MakeShop, Shop
+from tests.support import CATALOG, LINKS, PEPPER, FakeClock, Outbox, database
+
+PARALLEL = 64
+CONNECTIONS = 16
+ALLOWED = 10  # rule 11's default, TALLY_REDEEM_FAILURES_PER_HOUR
+
+
+def _guess() -> str:
+    """A well-formed code (its check symbol is right) that matches no order."""
+    return codes.display(codes.new_code())
+
+
+def _redeem(
+    shop: Shop, account: str, address: str | None, code: str | None = None, **headers: str
+) -> httpx.Response:
+    if address is not None:
+        headers["X-Client-Address"] = address
+    return shop.client.post(
+        "/v1/redemptions",
+        json={"code": code or _guess(), "account_id": account},
+        headers={"Idempotency-Key": codes.new_code(), **headers},
+    )
+
+
+def _from_address(shop: Shop, address: str) -> None:
+    """Later requests of `shop.client` arrive from this peer address, as a browser's would."""
+    shop.client.http._transport.client = (address, 50_000)  # type: ignore[attr-defined]
+
+
+def _code_for_sale(shop: Shop, sale_id: str) -> str:
+    tally = shop.tally
+    sale = Sale(
+        processor="gumroad",
+        sale_id=sale_id,
+        package=CATALOG.packages["pro"],
+        email="ana@example.com",
+        purchased_at=tally.clock(),
+        price=2000,
+    )
+    commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+    mail = Outbox()
+    commerce.deliver_mail(tally.uow(), mail, Templates(), tally.links)
+    return next(word for word in mail.sent[-1].text.split() if codes.normalise(word))
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=DATABASES)
+def pooled(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    # 16 connections race as hard as 64 and leave PostgreSQL room for other tests.
+    with database(request.param, str(tmp_path), pool_size=CONNECTIONS) as db:
+        yield db
+
+
+def test_64_parallel_wrong_codes_have_exactly_the_limit_evaluated(pooled: Database) -> None:
+    clock = FakeClock()
+    address = values.client_address("203.0.113.9")
+    start = threading.Barrier(PARALLEL)
+
+    def guess(n: int) -> str:
+        start.wait()
+        try:
+            commerce.redeem(
+                commerce.Redeem(
+                    code=_guess(),
+                    account_id="ana",
+                    client_address=address,
+                    idempotency_key=f"guess-{n}",
+                    platform_id="plt_tool",
+                ),
+                SqlUnitOfWork(pooled, clock),
+                pepper=PEPPER,
+            )
+        except (CodeInvalidOrUsed, RateLimited) as refused:
+            return refused.code
+        return "redeemed"
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        outcomes = list(pool.map(guess, range(PARALLEL)))
+    assert outcomes.count("code_invalid_or_used") == ALLOWED
+    assert outcomes.count("rate_limited") == PARALLEL - ALLOWED
+    with pooled.engine.connect() as connection:
+        counted: dict[str, int] = dict(
+            connection.execute(
+                select(redemption_failures.c.subject, func.count()).group_by(
+                    redemption_failures.c.subject
+                )
+            ).all()
+        )
+    assert counted == {
+        "redeem:plt_tool:account:ana": ALLOWED,
+        "redeem:plt_tool:address:203.0.113.9": ALLOWED,
+        "redeem:plt_tool": ALLOWED,
+    }
+
+
+def test_the_lost_code_form_and_sign_in_count_parallel_attempts_exactly(
+    pooled: Database,
+) -> None:
+    clock = FakeClock()
+    address = values.client_address("203.0.113.9")
+    allowed = 5
+    start = threading.Barrier(PARALLEL // 4)
+
+    def ask(n: int) -> str:
+        start.wait()
+        try:
+            orders.request_lost_code(
+                "ana@example.com",
+                f"order-{n}",
+                SqlUnitOfWork(pooled, clock),
+                client_address=address,
+                pepper=PEPPER,
+                links=LINKS,
+                limit=allowed,
+            )
+        except RateLimited as refused:
+            return refused.code
+        return "asked"
+
+    def sign_in(n: int) -> str:
+        start.wait()
+        try:  # a new email each time: only the address's limit can stop these
+            staff.sign_in(
+                f"guess-{n}@example.com",
+                "not the password",
+                SqlUnitOfWork(pooled, clock),
+                client_address=address,
+                per_address=allowed,
+            )
+        except (RateLimited, SignInFailed) as refused:
+            return refused.code
+        return "signed in"
+
+    for attempt, evaluated in ((ask, "asked"), (sign_in, "sign_in_failed")):
+        with ThreadPoolExecutor(PARALLEL // 4) as pool:
+            outcomes = list(pool.map(attempt, range(PARALLEL // 4)))
+        assert outcomes.count(evaluated) == allowed
+        assert outcomes.count("rate_limited") == PARALLEL // 4 - allowed
+
+
+# --- lockout -------------------------------------------------------------------------------
+
+
+def test_strangers_on_the_page_never_block_a_persons_platform_redemption(
+    make_shop: MakeShop,
+) -> None:
+    shop = make_shop(redeem_page_failures_per_hour=3 * ALLOWED)
+    code = _code_for_sale(shop, "sale-victim")
+    # Strangers from many addresses post wrong codes for the person's account until the page
+    # itself closes.
+    answers = []
+    for n in range(3 * ALLOWED + 5):
+        _from_address(shop, f"198.51.100.{n // ALLOWED + 1}")
+        page = shop.client.post("/redeem", data={"code": _guess(), "account": "victim"})
+        answers.append(page.status_code)
+    # The person's tool site redeems their code for them: it works.
+    made = _redeem(shop, "victim", "203.0.113.50", code)
+    assert made.status_code == 201, made.text
+    assert answers == [422] * 3 * ALLOWED + [429] * 5
+    assert "tried on this page in the last hour. Please try again in 1 hour." in page.text
+    assert page.headers["Retry-After"] == "3600"
+    assert made.json()["amount"] == CATALOG.packages["pro"].credits
+
+
+def test_the_page_counts_per_address_and_its_429_says_when_in_words(shop: Shop) -> None:
+    _from_address(shop, "::ffff:198.51.100.7")
+    for _ in range(ALLOWED):
+        assert (
+            shop.client.post("/redeem", data={"code": _guess(), "account": "x"}).status_code == 422
+        )
+    _from_address(shop, "198.51.100.7")  # the same client, spelled as IPv4
+    refused = shop.client.post("/redeem", data={"code": _guess(), "account": "y"})
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "3600"
+    assert "from your network in the last hour. Please try again in 1 hour." in refused.text
+    _from_address(shop, "198.51.100.8")  # a neighbour is not refused
+    assert shop.client.post("/redeem", data={"code": _guess(), "account": "y"}).status_code == 422
+
+
+# --- the ceiling, the metric and the log ---------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    info = warning = exception = _record
+
+
+def test_a_platform_rotating_accounts_and_addresses_meets_its_ceiling(
+    make_shop: MakeShop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Recorder()
+    monkeypatch.setattr(edge, "log", log)
+    shop = make_shop(redeem_failures_per_platform_per_hour=25)
+    answers = [_redeem(shop, f"acct-{n}", f"192.0.2.{n}").status_code for n in range(30)]
+    assert answers == [422] * 25 + [429] * 5
+    last = _redeem(shop, "someone-new", "192.0.2.200")
+    assert last.json()["code"] == "rate_limited"
+    assert last.headers["Retry-After"] == "3600"
+    # Another platform is counted apart.
+    other = shop.as_platform(shop.platform_key("other"))
+    assert (
+        _redeem(shop, "acct-0", "192.0.2.0", Authorization=other["Authorization"]).json()["code"]
+        == "code_invalid_or_used"
+    )
+    metrics = shop.client.get("/metrics").text
+    assert 'tally_rate_limited_total{limit="redeem_platform"} 6.0' in metrics
+    tripped = [fields for event, fields in log.events if event == "rate_limited"]
+    assert len(tripped) == 6
+    assert tripped[0]["limit"] == "redeem_platform"
+    assert tripped[0]["route"] == "/v1/redemptions"
+    assert tripped[0]["retry_after"] == 3600
+
+
+def test_the_page_has_its_own_ceiling(make_shop: MakeShop) -> None:
+    shop = make_shop(redeem_page_failures_per_hour=5)
+    answers = []
+    for n in range(7):
+        _from_address(shop, f"2001:db8:{n}::1")
+        answers.append(shop.client.post("/redeem", data={"code": _guess(), "account": "a"}))
+    assert [page.status_code for page in answers] == [422] * 5 + [429] * 2
+    assert "tried on this page in the last hour" in answers[-1].text
+    assert 'tally_rate_limited_total{limit="page"} 2.0' in shop.client.get("/metrics").text
+
+
+# --- code look-ups ---------------------------------------------------------------------------
+
+
+def test_code_look_ups_count_toward_the_same_limits(shop: Shop) -> None:
+    address = {"X-Client-Address": "203.0.113.77"}
+    for _ in range(ALLOWED):
+        assert shop.client.get(f"/v1/codes/{_guess()}", headers=address).status_code == 404
+    refused = shop.client.get(f"/v1/codes/{_guess()}", headers=address)
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "rate_limited"
+    assert refused.headers["Retry-After"] == "3600"
+    # ... and the address's redemptions through the platform are refused too.
+    assert _redeem(shop, "anyone", "203.0.113.77").status_code == 429
+    assert _redeem(shop, "anyone", "203.0.113.78").status_code == 422
+
+
+def test_code_look_up_misses_count_against_the_platform_ceiling(make_shop: MakeShop) -> None:
+    shop = make_shop(redeem_failures_per_platform_per_hour=4)
+    code = _code_for_sale(shop, "sale-1")
+    found = [shop.client.get(f"/v1/codes/{_guess()}").status_code for _ in range(4)]
+    assert found == [404] * 4
+    assert shop.client.get(f"/v1/codes/{code}").status_code == 429
+    assert _redeem(shop, "ana", None, code).status_code == 429
+
+
+def test_the_window_is_an_hour_and_retry_after_says_when_it_opens(
+    shop: Shop, clock: FakeClock
+) -> None:
+    for _ in range(ALLOWED):
+        _redeem(shop, "ana", None)
+    assert _redeem(shop, "ana", None).status_code == 429
+    clock.advance(minutes=30)
+    assert _redeem(shop, "ana", None).headers["Retry-After"] == "1800"
+    clock.advance(minutes=30, seconds=1)
+    assert _redeem(shop, "ana", None).json()["code"] == "code_invalid_or_used"
+
+
+def test_limits_name_what_they_count() -> None:
+    allowance = limits.Allowance(per_subject=3, per_platform=9, page=7)
+    address = values.client_address("2001:db8:1:2::5")
+    assert [
+        (limit.name, limit.subject, limit.allowed)
+        for limit in limits.for_redemption("plt_a", "Ana", address, allowance)
+    ] == [
+        ("redeem_account", "redeem:plt_a:account:Ana", 3),
+        ("redeem_platform", "redeem:plt_a", 9),
+        ("redeem_address", "redeem:plt_a:address:2001:db8:1:2::/64", 3),
+    ]
+    assert [
+        (limit.name, limit.subject, limit.allowed)
+        for limit in limits.for_redemption(None, "Ana", address, allowance)
+    ] == [
+        ("page_address", "redeem-page:address:2001:db8:1:2::/64", 3),
+        ("page", "redeem-page", 7),
+    ]
