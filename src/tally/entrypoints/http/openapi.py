@@ -170,6 +170,13 @@ def _parameters(operation: dict[str, Any]) -> None:
                 "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH,
                 "pattern": IDEMPOTENCY_KEY_PATTERN,
             }
+        elif parameter["in"] == "header" and name == "x-client-address":
+            # `values.client_address`: one IPv4 (no leading zeros) or IPv6 address.
+            parameter["schema"] = {
+                "type": "string",
+                "maxLength": parameter["schema"]["anyOf"][0]["maxLength"],
+                "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+            }
         elif parameter["in"] == "header" and name == "stripe-signature":
             parameter["required"] = True  # without it, 400 `signature_invalid`
             parameter["schema"] = {"type": "string"}
