@@ -221,3 +221,24 @@ def test_a_well_formed_event_at_the_edges_is_fulfilled(stripe_shop: Shop) -> Non
     assert answer.status_code == 200, answer.text
     assert answer.json()["created"] is True
     assert _kept(stripe_shop) == []
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_gumroad_sale_time_out_of_range_is_taken_as_now(make_shop: MakeShop, stamp: str) -> None:
+    """Gumroad's `sale_timestamp` is informative: one Tally cannot read is the time it heard
+    of the sale, never a 500 that Gumroad would retry."""
+    shop = make_shop(gumroad_webhook_token="gumroad-token", gumroad_seller_id="seller")
+    ping = {
+        "seller_id": "seller",
+        "sale_id": f"sale-{stamp[:4]}",
+        "sale_timestamp": stamp,
+        "product_permalink": "https://example.gumroad.com/l/popular",
+        "email": "buyer@example.com",
+        "price": "900",
+        "quantity": "1",
+    }
+    answer = shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["created"] is True
+    found = shop.client.get("/v1/orders", params={"email": "buyer@example.com"}).json()
+    assert [order["purchased_at"] for order in found["data"]] == ["2026-01-01T12:00:00Z"]

@@ -25,7 +25,7 @@ from tally.domain.errors import (
     RateLimited,
     TallyError,
 )
-from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH
+from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH, MAX_AMOUNT
 from tally.entrypoints.http import admin, commerce, openapi, schemas, v1
 from tally.entrypoints.http import orders as orders_http
 from tally.entrypoints.http import refunds as refunds_http
@@ -69,7 +69,7 @@ def _validation_error(error: RequestValidationError, request: Request) -> TallyE
         return InvalidJson("send the body as JSON, with Content-Type: application/json")
     if listed and all(e["loc"] and e["loc"][-1] in _CREDIT_FIELDS for e in listed):
         return InvalidAmount(
-            "credits and quantities are whole numbers from 1 to 2^53", errors=listed
+            f"credits and quantities are whole numbers from 1 to {MAX_AMOUNT}", errors=listed
         )
     if listed and all(e["loc"] == ["header", "Idempotency-Key"] for e in listed):
         # The same code as the keys the use cases refuse (an empty one, say).

@@ -46,9 +46,7 @@ STATE_RULES: Final[dict[str, str]] = {
     "GET /v1/accounts/{account_id}/entries": (
         "A `starting_after` that names no entry of this account is 422 `invalid_input`."
     ),
-    "GET /v1/orders": (
-        "Give `email`, `order_number` or both: neither (or only blanks) is 422 `invalid_input`."
-    ),
+    "GET /v1/orders": "A `starting_after` that names no order is 422 `invalid_input`.",
     "POST /v1/accounts/{account_id}/grants": (
         "`expires_at` in the past is 422 `invalid_time`; a `valid_for` that is not an ISO 8601"
         " duration, not positive, or ends after the time range is 422 `invalid_duration`."
@@ -60,7 +58,7 @@ STATE_RULES: Final[dict[str, str]] = {
     "POST /v1/redemptions": (
         "A code that was never issued, was voided or was used is 422 `code_invalid_or_used`."
     ),
-    "PUT /v1/accounts/{account_id}": "An address that cannot receive mail is 422.",
+    "PUT /v1/accounts/{account_id}": "An address that cannot receive mail may be refused (422).",
     "POST /webhooks/stripe": (
         "A `Stripe-Signature` that is not Stripe's HMAC of this body with the webhook secret,"
         " or older than 300 s, is 400 `signature_invalid`; a signed event not in Stripe's"
@@ -111,11 +109,13 @@ def install(app: FastAPI, tools: Callable[[], Iterable[str]]) -> None:
     """Serve the rewritten document at /openapi.json (and to /docs). `tools`: the catalog's
     tool ids, read when the document is first asked for."""
     build = app.openapi
+    rewritten: dict[str, Any] | None = None
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None or app.openapi_schema.get("openapi") != OPENAPI_VERSION:
-            app.openapi_schema = rewrite(build(), tools=sorted(tools()))
-        return app.openapi_schema
+        nonlocal rewritten
+        if rewritten is None:
+            rewritten = app.openapi_schema = rewrite(build(), tools=sorted(tools()))
+        return rewritten
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -136,6 +136,8 @@ def rewrite(document: dict[str, Any], *, tools: list[str]) -> dict[str, Any]:
         for method, operation in methods.items():
             label = f"{method.upper()} {path}"
             _parameters(operation)
+            if label == "GET /v1/orders":
+                _order_filters(operation)
             statuses |= _responses(operation, label)
             rule = STATE_RULES.get(label)
             if rule:
@@ -179,6 +181,43 @@ def _parameters(operation: dict[str, Any]) -> None:
         del operation["parameters"]
 
 
+def _order_filters(operation: dict[str, Any]) -> None:
+    """`email`, `order_number` or both, each with more than white space: one form-exploded
+    object parameter, the one way OpenAPI 3.0 can require one of two query parameters. On the
+    wire it is the same `?email=...&order_number=...`."""
+    fields = {"email": "the buyer's or gift recipient's address", "order_number": "as sold"}
+    found = {p["name"]: p for p in operation["parameters"] if p["name"] in fields}
+    properties = {
+        name: {
+            "type": "string",
+            "maxLength": found[name]["schema"]["anyOf"][0]["maxLength"],
+            "pattern": TEXT_PATTERN,
+            "description": description,
+        }
+        for name, description in fields.items()
+    }
+    solid = [
+        {"required": [name], "properties": {name: {"pattern": SOLID_TEXT_PATTERN}}}
+        for name in fields
+    ]
+    combined = {
+        "name": "filter",
+        "in": "query",
+        "required": True,
+        "style": "form",
+        "explode": True,
+        "description": "`email`, `order_number` or both (blank ones count as not given)",
+        "schema": {
+            "type": "object",
+            "properties": properties,
+            "additionalProperties": False,
+            "anyOf": solid,
+        },
+    }
+    kept = [p for p in operation["parameters"] if p["name"] not in fields]
+    operation["parameters"] = [combined, *kept]
+
+
 def _time_schema(*, nullable: bool) -> dict[str, Any]:
     schema: dict[str, Any] = {
         "type": "string",
@@ -200,6 +239,10 @@ def _responses(operation: dict[str, Any], label: str) -> set[int]:
     wanted |= set(ALWAYS) | set(EXTRA_STATUSES.get(label, ()))
     if "security" in operation:
         wanted |= {401, 403}
+    else:  # no key is asked for, so none is refused
+        wanted -= {401, 403}
+        for status in ("401", "403"):
+            responses.pop(status, None)
     codes = _codes_by_status()
     for number in sorted(wanted):
         known = codes.get(number, [])
@@ -214,9 +257,18 @@ def _responses(operation: dict[str, Any], label: str) -> set[int]:
         if number == 429:
             answer["headers"] = {"Retry-After": _header("seconds to wait", integer=True)}
         responses[str(number)] = answer
+    keyed = any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
     for status, answer in responses.items():
         if status.startswith("2") and "content" not in answer and label == "GET /metrics":
             answer["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        headers = answer.setdefault("headers", {})
+        headers["X-Request-Id"] = _header("this request's id in Tally's log")
+        if status.startswith("2") and keyed:
+            headers["Idempotent-Replayed"] = {
+                "required": False,
+                "description": "`true` when this is the stored answer to an earlier request",
+                "schema": {"type": "string", "enum": ["true"]},
+            }
     return wanted
 
 
