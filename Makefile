@@ -27,7 +27,7 @@ tour: $(STAMP)
 # Chromium for the browser tests (Debian's package: Playwright drives the system browser).
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq chromium) || echo "no Chromium: the browser tests will skip"
+		apt-get install -y -qq chromium) || echo "no Chromium: the browser tests skip (and fail when CI is set)"
 
 # Every test: lint, types, unit, integration (SQLite and PostgreSQL), end to end.
 test: $(STAMP) chromium

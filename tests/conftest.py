@@ -36,7 +36,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Iterat
 
 def skipped_services_line(reasons: list[str], skipped: list[Any]) -> str | None:
     """`SKIPPED n tests for want of a service: <reason> (n tests); ...`, counting the skip
-    reports that carry each reason."""
+    reports that carry each reason (with one reason, its count is the total)."""
     if not reasons:
         return None
     counts = dict.fromkeys(reasons, 0)
@@ -46,7 +46,10 @@ def skipped_services_line(reasons: list[str], skipped: list[Any]) -> str | None:
             if reason in text:
                 counts[reason] += 1
                 break
-    parts = "; ".join(f"{reason} ({_tests(n)})" for reason, n in counts.items())
+    if len(counts) == 1:
+        [parts] = counts
+    else:
+        parts = "; ".join(f"{reason} ({_tests(n)})" for reason, n in counts.items())
     total = _tests(sum(counts.values()))
     return f"SKIPPED {total} for want of a service: {parts}. With CI=1 they fail instead."
 

@@ -56,6 +56,12 @@ def when(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+def _wait_past(moment: datetime) -> None:
+    """Until the wall clock (the server's too: same machine) is past `moment`."""
+    while (left := (moment - datetime.now(UTC)).total_seconds()) >= 0:
+        time.sleep(min(0.2, left + 0.01))
+
+
 def funds(api: Api, account: str) -> tuple[int, int, int]:
     """(available, held, debt) of an account now."""
     balance = api.balance(account)
@@ -223,9 +229,7 @@ def test_lots_and_holds_past_their_time_count_as_expired_at_once(api: Api, accou
     balance = api.balance(account, at=hold["created_at"])
     assert (balance["available"], balance["held"]) == (6, 2)
     assert balance["next_expiry"] == {"at": fleeting["expires_at"], "amount": 1}
-    due = max(when(fleeting["expires_at"]), when(hold["expires_at"]))
-    while datetime.now(UTC) <= due:  # the server reads this machine's clock
-        time.sleep(min(0.2, max(0.01, (due - datetime.now(UTC)).total_seconds())))
+    _wait_past(max(when(fleeting["expires_at"]), when(hold["expires_at"])))
 
     # No sweep runs (the worker is off): reads alone must count both as expired. The held
     # credits went back to a lot that has expired, so they are gone too.
@@ -623,7 +627,7 @@ def test_metrics(server: Server, api: Api, account: str) -> None:
     fleeting = api.grant(account, 4, valid_for="PT1S")  # after the spending, so none of it goes
     # A fresh process: the credit totals are cached for 15 s and the request counts start at 0.
     server.restart()
-    time.sleep(max(0.0, (when(fleeting["expires_at"]) - datetime.now(UTC)).total_seconds()))
+    _wait_past(when(fleeting["expires_at"]))
     api.grant(account, 1)  # the account's next change writes the expiry down
 
     for _ in range(3):

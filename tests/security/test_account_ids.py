@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import UTC, timedelta
 
 from tally.adapters.mail import Templates
 from tally.domain import codes
 from tally.domain.commerce import Sale
 from tally.service import commerce
 from tests.security.conftest import Shop
-from tests.support import Outbox
+from tests.support import FakeClock, Outbox
 
 MIXED = "User_A@Example.com"
 LOWER = "user_a@example.com"
@@ -86,3 +87,21 @@ def test_the_api_credits_the_account_id_exactly_as_sent(shop: Shop) -> None:
     )
     assert granted.status_code == 201, granted.text
     assert (_available(shop, MIXED), _available(shop, LOWER)) == (25, 3)
+
+
+def test_the_redeem_page_speaks_in_sentences_and_dates_in_words(
+    shop: Shop, clock: FakeClock
+) -> None:
+    page = shop.client.post("/redeem", data={"code": _code(shop), "account": MIXED})
+    expires = (clock() + timedelta(days=730)).astimezone(UTC)
+    assert f"valid until {expires.day} {expires:%B %Y}." in page.text
+    refused = shop.client.post("/redeem", data={"code": "AAAA-BBBB-CCCC-DDDD", "account": MIXED})
+    assert refused.status_code == 422
+    assert "This code is not valid or was used already." in refused.text
+    assert '<a href="/lost-code">Ask for a new code</a>' in refused.text
+    bad_id = shop.client.post("/redeem", data={"code": _code(shop), "account": "a b"})
+    assert bad_id.status_code == 422
+    found = re.search(r'<p class="error" id="error">([^<]*)</p>', bad_id.text)
+    assert found is not None
+    assert found.group(1)[0].isupper()
+    assert found.group(1).endswith(".")

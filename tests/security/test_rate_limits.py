@@ -24,6 +24,7 @@ from tally.domain import codes, values
 from tally.domain.commerce import Sale
 from tally.domain.errors import CodeInvalidOrUsed, RateLimited, SignInFailed
 from tally.entrypoints.http import edge
+from tally.entrypoints.worker import Worker
 from tally.service import commerce, limits, orders, staff
 from tests.conftest import DATABASES
 from tests.security.conftest import MakeShop, Shop
@@ -313,3 +314,36 @@ def test_limits_name_what_they_count() -> None:
         ("page_address", "redeem-page:address:2001:db8:1:2::/64", 3),
         ("page", "redeem-page", 7),
     ]
+
+
+def test_the_sweep_deletes_failures_no_window_counts_any_more(
+    shop: Shop, db: Database, clock: FakeClock
+) -> None:
+    """The failures table holds about one window: the worker's sweep deletes older rows, in
+    batches, and never one that a limit still counts."""
+    subjects = [f"redeem:plt_x:account:guesser-{n}" for n in range(limits.PRUNE_BATCH * 2 + 5)]
+    uow = shop.tally.uow()
+    with uow:
+        uow.commerce.add_failures(subjects, clock())
+        uow.commit()
+    for _ in range(ALLOWED):
+        _redeem(shop, "ana", None)
+    assert _count_failures(db) == len(subjects) + ALLOWED * 2
+
+    clock.advance(minutes=59)
+    worker = Worker(shop.tally)
+    assert worker.run_job("sweep")
+    assert _count_failures(db) == len(subjects) + ALLOWED * 2  # all still inside the hour
+    assert _redeem(shop, "ana", None).status_code == 429
+
+    clock.advance(minutes=1, seconds=1)
+    assert worker.run_job("sweep")
+    assert _count_failures(db) == 0
+    assert limits.prune(shop.tally.uow()) == 0
+    assert _redeem(shop, "ana", None).json()["code"] == "code_invalid_or_used"
+
+
+def _count_failures(db: Database) -> int:
+    with db.engine.connect() as connection:
+        count = connection.execute(select(func.count()).select_from(redemption_failures))
+        return int(count.scalar_one())

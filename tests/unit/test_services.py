@@ -56,6 +56,9 @@ def test_the_end_of_run_line_counts_the_skips_per_reason() -> None:
     reports = [skip("PostgreSQL is down"), skip("PostgreSQL is down"), skip("no Chromium")]
     reports.append(skip("an unrelated skip"))
     assert skipped_services_line([], reports) is None
+    assert skipped_services_line(["no Chromium"], reports) == (
+        "SKIPPED 1 test for want of a service: no Chromium. With CI=1 they fail instead."
+    )
     assert skipped_services_line(["PostgreSQL is down", "no Chromium"], reports) == (
         "SKIPPED 3 tests for want of a service: PostgreSQL is down (2 tests); "
         "no Chromium (1 test). With CI=1 they fail instead."
@@ -89,7 +92,7 @@ def test_a_real_run_ends_with_the_line_or_fails_in_ci(
     if status == 0:
         # The line, then only pytest's final count.
         assert lines[-2] == (
-            "SKIPPED 1 test for want of a service: Frobnicator is not installed (1 test). "
+            "SKIPPED 1 test for want of a service: Frobnicator is not installed. "
             "With CI=1 they fail instead."
         )
         assert "1 skipped" in lines[-1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from tally.domain.catalog import Package, Tool
@@ -147,3 +147,20 @@ def wait_in_words(seconds: int) -> str:
         return f"{minutes} minute{'s' if minutes != 1 else ''}"
     hours = -(-minutes // 60)
     return f"{hours} hour{'s' if hours != 1 else ''}"
+
+
+def date_in_words(when: datetime | None) -> str | None:
+    """A UTC day as people write it ("7 December 2028"); None for credits that never expire."""
+    if when is None:
+        return None
+    day = when.astimezone(UTC)
+    return f"{day.day} {day:%B %Y}"
+
+
+def as_sentence(detail: str) -> str:
+    """An error's detail shown on a page: a capital first letter and a full stop."""
+    text = detail.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else f"{text}."

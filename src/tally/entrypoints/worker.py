@@ -25,7 +25,7 @@ import structlog
 from tally.adapters.sales import sources
 from tally.bootstrap import Tally
 from tally.domain.errors import TallyError
-from tally.service import commerce, ledger, reconcile
+from tally.service import commerce, ledger, limits, reconcile
 
 if TYPE_CHECKING:
     from tally.entrypoints.http.metrics import Metrics
@@ -106,8 +106,12 @@ class Worker:
         return done
 
     def sweep(self) -> ledger.SweepResult:
-        """Write down expired lots and lapsed holds, a batch of accounts per transaction."""
+        """Write down expired lots and lapsed holds, a batch of accounts per transaction, and
+        delete the failed attempts no rate limit counts any more."""
         result = ledger.sweep(self.tally.uow())
+        pruned = limits.prune(self.tally.uow())
+        if pruned:
+            log.info("failures_pruned", failures=pruned)
         if result.accounts:
             log.info(
                 "sweep",

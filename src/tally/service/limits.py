@@ -46,6 +46,13 @@ PAGE_FAILURES_PER_WINDOW: Final = 1000
 #: What a redemption or a look-up on the page names when the server saw no peer address.
 UNKNOWN_ADDRESS: Final = "unknown"
 SUBJECT_MAX_LENGTH: Final = 200  # the failures table's column
+#: Every limit's window is at most this long (checked on each Limit), so older failures count
+#: against nothing and the sweep deletes them: the table holds about one window of failures.
+LONGEST_WINDOW: Final = timedelta(hours=1)
+#: Failures deleted per transaction by `prune`, so no lock is held for long.
+PRUNE_BATCH: Final = 1000
+#: Transactions per `prune`: a backlog is worked off over several sweeps, never in one go.
+PRUNE_MAX_BATCHES: Final = 100
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,14 @@ class Limit:
     def __post_init__(self) -> None:
         assert len(self.subject) <= SUBJECT_MAX_LENGTH, "a subject fits its column"
         assert self.allowed >= 0  # 0: closed, every attempt refused
-        assert self.window > timedelta(0)
+        assert timedelta(0) < self.window <= LONGEST_WINDOW, "prune keeps one longest window"
 
 
 @dataclass(frozen=True)
 class Allowance:
     """How many failed redemptions and look-ups each subject may have per hour."""
 
-    #: Per account and per client address (TALLY_REDEEM_FAILURES_PERFAILURE_WINDOW).
+    #: Per account and per client address (TALLY_REDEEM_FAILURES_PER_HOUR).
     per_subject: int = FAILURES_PER_WINDOW
     #: Per platform, all its accounts and addresses together.
     per_platform: int = PLATFORM_FAILURES_PER_WINDOW
@@ -159,3 +166,17 @@ def enforce(
 def record(uow: UnitOfWork, limits: Sequence[Limit], now: datetime) -> None:
     """One failure against each limit, in the transaction `enforce` locked them in."""
     uow.commerce.add_failures([limit.subject for limit in limits], now)
+
+
+def prune(uow: UnitOfWork) -> int:
+    """Delete the failures no window can count any more (older than LONGEST_WINDOW), a batch
+    per transaction; how many went. The worker's sweep runs it."""
+    removed = 0
+    for _ in range(PRUNE_MAX_BATCHES):
+        with uow:
+            done = uow.commerce.remove_failures_before(uow.clock() - LONGEST_WINDOW, PRUNE_BATCH)
+            uow.commit()
+        removed += done
+        if done < PRUNE_BATCH:
+            break
+    return removed

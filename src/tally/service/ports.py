@@ -244,10 +244,6 @@ class Commerce(Protocol):
         self, processor: str, sale_id: str | None, reason: str, payload: Any, now: datetime
     ) -> None: ...
 
-    def add_failure(self, subject: str, now: datetime) -> None: ...
-
-    def failures_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]: ...
-
     def lock_subjects(self, subjects: Sequence[str]) -> None:
         """Until the transaction ends, no other transaction counts or adds failures of these
         subjects (service/limits.py)."""
@@ -256,6 +252,9 @@ class Commerce(Protocol):
         """Per subject, its failures after its own time and the oldest; none: absent."""
 
     def add_failures(self, subjects: Sequence[str], now: datetime) -> None: ...
+
+    def remove_failures_before(self, before: datetime, limit: int) -> int:
+        """Delete at most `limit` failures recorded before `before`; how many went."""
 
     # --- lost codes and reconciliation (issue 5, engineer B)
 

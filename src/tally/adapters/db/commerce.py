@@ -7,7 +7,19 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -329,25 +341,6 @@ class SqlCommerce:
             )
         )
 
-    def add_failure(self, subject: str, now: datetime) -> None:
-        self.connection.execute(
-            insert(redemption_failures).values(
-                failure_id=new_id("fail", now), subject=subject[:200], at=now
-            )
-        )
-
-    def failures_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]:
-        """How many failures `subject` had since then, and the oldest of them."""
-        row = self.connection.execute(
-            select(func.count(), func.min(redemption_failures.c.at)).where(
-                redemption_failures.c.subject == subject, redemption_failures.c.at > since
-            )
-        ).one()
-        oldest = row[1]
-        if isinstance(oldest, str):  # SQLite answers MIN() of a datetime column as text
-            oldest = decode_time(oldest)
-        return int(row[0]), oldest
-
     def lock_subjects(self, subjects: Sequence[str]) -> None:
         """PostgreSQL: a transaction-scoped advisory lock per subject, taken in the order of
         their keys, so two transactions naming the same subjects never deadlock. SQLite
@@ -389,6 +382,16 @@ class SqlCommerce:
                     for subject in subjects
                 ],
             )
+
+    def remove_failures_before(self, before: datetime, limit: int) -> int:
+        failure = redemption_failures.c
+        oldest = (
+            select(failure.failure_id).where(failure.at < before).order_by(failure.at).limit(limit)
+        )
+        done = self.connection.execute(
+            delete(redemption_failures).where(failure.failure_id.in_(oldest))
+        )
+        return int(done.rowcount)
 
     # --- lost codes and reconciliation (issue 5, engineer B) ---------------------------------
 

@@ -43,7 +43,7 @@ from tally.entrypoints.http.v1 import (
     tally_dependency,
     tally_of,
 )
-from tally.entrypoints.views import lot_view, wait_in_words
+from tally.entrypoints.views import as_sentence, date_in_words, lot_view, wait_in_words
 from tally.service import commerce, ledger, limits, refunds
 from tally.service.ports import ProcessorEvent
 
@@ -445,7 +445,8 @@ def redeem_form(
             "redeem.html.j2",
             error.status,
             title="Redeem a code",
-            error=None if limited else error.detail,
+            error=None if limited else _redeem_refusal(error),
+            lost_link=isinstance(error, CodeInvalidOrUsed),
             retry_in=wait_in_words(limited.retry_after) if limited else None,
             limit=limited.limit if limited else None,
             account_id=account_id,
@@ -455,7 +456,7 @@ def redeem_form(
             note_rate_limited(request.scope, limited)
         return page
     available = ledger.get_balance(account_id, tally.uow()).available
-    shown = {"amount": lot.amount, "expires_at": values.format_time(lot.expires_at)}
+    shown = {"amount": lot.amount, "expires_on": date_in_words(lot.expires_at)}
     return _page(
         "redeem.html.j2",
         title="Credits added",
@@ -463,6 +464,12 @@ def redeem_form(
         account_id=account_id,
         available=available,
     )
+
+
+def _redeem_refusal(error: TallyError) -> str:
+    if isinstance(error, CodeInvalidOrUsed):
+        return "This code is not valid or was used already. Check it against your email."
+    return as_sentence(error.detail)
 
 
 @router.get("/checkout/{package_id}", include_in_schema=False)
