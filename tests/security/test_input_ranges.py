@@ -184,6 +184,11 @@ MALFORMED: dict[str, Any] = {
         type="charge.refunded",
         data={"object": {"id": "ch_1", "payment_intent": "pi_1", "amount_refunded": "all"}},
     ),
+    "refund past 2^53": _event(
+        "evt_refund_big",
+        type="charge.refunded",
+        data={"object": {"id": "ch_2", "payment_intent": "pi_2", "amount_refunded": 10**20}},
+    ),
 }
 
 
@@ -242,3 +247,46 @@ def test_a_gumroad_sale_time_out_of_range_is_taken_as_now(make_shop: MakeShop, s
     assert answer.json()["created"] is True
     found = shop.client.get("/v1/orders", params={"email": "buyer@example.com"}).json()
     assert [order["purchased_at"] for order in found["data"]] == ["2026-01-01T12:00:00Z"]
+
+
+def _gumroad(make_shop: MakeShop) -> Shop:
+    return make_shop(gumroad_webhook_token="gumroad-token", gumroad_seller_id="seller")
+
+
+def test_a_gumroad_sale_whose_credits_would_expire_past_the_range_is_kept(
+    make_shop: MakeShop,
+) -> None:
+    """A Pro sale dated in 8999 would expire past the range: kept for support, answered 200
+    (Gumroad stops resending), never a 4xx or 5xx that it retries."""
+    shop = _gumroad(make_shop)
+    ping = {
+        "seller_id": "seller",
+        "sale_id": "sale-8999",
+        "sale_timestamp": "8999-06-01T00:00:00Z",
+        "product_permalink": "https://example.gumroad.com/l/pro",
+        "email": "buyer@example.com",
+        "price": "2000",
+    }
+    answer = shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["ignored"] == "invalid_duration"
+    with shop.tally.database.engine.connect() as connection:
+        kept = connection.execute(select(unmatched_pings.c.sale_id)).scalars().all()
+    assert kept == ["sale-8999"]
+
+
+@pytest.mark.parametrize("cents", ["\u00b2", "9" * 17, "1" * 5000])
+def test_a_gumroad_partial_refund_of_an_unreadable_amount_is_a_4xx(
+    make_shop: MakeShop, cents: str
+) -> None:
+    shop = _gumroad(make_shop)
+    ping = {
+        "seller_id": "seller",
+        "sale_id": "sale-refund",
+        "resource_name": "refund",
+        "refunded": "false",
+        "partially_refunded": "true",
+        "amount_refunded_in_cents": cents,
+    }
+    answer = shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+    assert 400 <= answer.status_code < 500, answer.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,44 @@ def test_64_parallel_wrong_codes_have_exactly_the_limit_evaluated(pooled: Databa
         "redeem:plt_tool:address:203.0.113.9": ALLOWED,
         "redeem:plt_tool": ALLOWED,
     }
+
+
+def test_parallel_retries_of_one_redemption_all_get_its_lot(pooled: Database) -> None:
+    """A client that retries a redemption (same key, same body) before the first answer came
+    gets that answer: never a failure recorded against the person, never a 422."""
+    clock = FakeClock()
+    uow = SqlUnitOfWork(pooled, clock)
+    sale = Sale(
+        processor="gumroad",
+        sale_id="retried",
+        package=CATALOG.packages["pro"],
+        email="ana@example.com",
+        purchased_at=clock(),
+        price=2000,
+    )
+    commerce.fulfil(sale, uow, pepper=PEPPER, links=LINKS)
+    mail = Outbox()
+    commerce.deliver_mail(SqlUnitOfWork(pooled, clock), mail, Templates(), LINKS)
+    code = next(word for word in mail.sent[-1].text.split() if codes.normalise(word))
+    start = threading.Barrier(CONNECTIONS)
+
+    def redeem(_: int) -> str:
+        start.wait()
+        lot = commerce.redeem(
+            commerce.Redeem(
+                code=code, account_id="ana", idempotency_key="once", platform_id="plt_tool"
+            ),
+            SqlUnitOfWork(pooled, clock),
+            pepper=PEPPER,
+        )
+        return lot.id
+
+    with ThreadPoolExecutor(CONNECTIONS) as pool:
+        lots = list(pool.map(redeem, range(CONNECTIONS)))
+    assert len(set(lots)) == 1
+    with pooled.engine.connect() as connection:
+        failures = connection.execute(select(func.count()).select_from(redemption_failures))
+        assert failures.scalar_one() == 0
 
 
 def test_the_lost_code_form_and_sign_in_count_parallel_attempts_exactly(
@@ -347,3 +386,30 @@ def _count_failures(db: Database) -> int:
     with db.engine.connect() as connection:
         count = connection.execute(select(func.count()).select_from(redemption_failures))
         return int(count.scalar_one())
+
+
+def test_a_sign_in_with_the_longest_address_is_one_more_failure(uow: SqlUnitOfWork) -> None:
+    """An address of 254 characters names a subject longer than its column: it is kept as a
+    head and a digest, so the attempt counts like any other instead of failing the page."""
+    longest = f"{'a' * 64}@{'b' * 63}.{'c' * 63}.{'d' * 61}"
+    assert len(longest) == 254
+    other = longest[:-1] + "e"
+    for address in (longest, other):
+        with pytest.raises(SignInFailed):
+            staff.sign_in(address, "a wrong password!", uow, client_address="203.0.113.7")
+    with uow:
+        subjects = uow.commerce.failures_within(
+            {f"sign-in-email:{a}": datetime(2000, 1, 1, tzinfo=UTC) for a in (longest, other)}
+        )
+    assert subjects == {}  # stored under their fitted names, not the raw ones
+    fitted = {
+        limits.Limit("sign_in_email", f"sign-in-email:{a}", 5, timedelta(minutes=15)).subject
+        for a in (longest, other)
+    }
+    assert len(fitted) == 2
+    assert all(len(subject) == limits.SUBJECT_MAX_LENGTH for subject in fitted)
+    with uow:
+        counted = uow.commerce.failures_within(
+            dict.fromkeys(fitted, datetime(2000, 1, 1, tzinfo=UTC))
+        )
+    assert sorted(count for count, _ in counted.values()) == [1, 1]

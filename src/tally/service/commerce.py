@@ -281,6 +281,15 @@ def redeem(
                 else uow.commerce.code_for_update(codes.digest(normalised, pepper))
             )
             order = None if code is None else uow.commerce.order(code.order_id)
+            # The same request, sent again while the first held the code's lock, finds the
+            # code redeemed: the first one's stored answer, committed meanwhile, is its answer.
+            stored = None if code is None else uow.idempotency.get(scope, key)
+            if stored is not None:
+                if stored.request_hash != request_hash:
+                    raise IdempotencyKeyReused
+                uow.replayed = True
+                again: Lot = adapter(Lot).validate_python(stored.response)
+                return again
             if (
                 code is None
                 or order is None

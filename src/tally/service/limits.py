@@ -27,6 +27,7 @@ Who counts against what, so that a stranger can never spend a person's allowance
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class Limit:
     exact: bool = True
 
     def __post_init__(self) -> None:
+        # A subject names what people typed (an email of up to 254 characters): one too long
+        # for its column keeps a readable head and a digest of the whole, still one per input.
+        if len(self.subject) > SUBJECT_MAX_LENGTH:
+            digest = hashlib.sha256(self.subject.encode()).hexdigest()
+            head = self.subject[: SUBJECT_MAX_LENGTH - len(digest) - 1]
+            object.__setattr__(self, "subject", f"{head}#{digest}")
         assert len(self.subject) <= SUBJECT_MAX_LENGTH, "a subject fits its column"
         assert self.allowed >= 0  # 0: closed, every attempt refused
         assert timedelta(0) < self.window <= LONGEST_WINDOW, "prune keeps one longest window"

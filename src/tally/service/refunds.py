@@ -381,8 +381,8 @@ def new_event(
     if "\x00" in event_key or "\\u0000" in json.dumps(payload):
         raise InvalidInput("the event contains NUL characters")  # PostgreSQL cannot store them
     for amount in (refunded_amount, charge_amount):
-        if amount is not None and amount < 0:
-            raise InvalidInput("amounts are not negative")
+        if amount is not None and not 0 <= amount <= values.MAX_AMOUNT:
+            raise InvalidInput("amounts are whole numbers of minor units from 0 to 2^53")
     return ProcessorEvent(
         id=values.new_id("pev", now),
         processor=processor,

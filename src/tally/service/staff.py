@@ -4,6 +4,7 @@ day-by-day credits chart."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -63,8 +64,31 @@ _CSRF_LABEL: Final = b"tally console csrf"
 
 
 def normalise_email(text: str) -> str:
-    """A staff member's email: one bare address (`values.email`), compared in lower case."""
+    """A new staff member's email: one bare address (`values.email`), compared in lower case."""
     return values.email(text).lower()
+
+
+def known_emails(text: str) -> list[str]:
+    """The spellings to look a staff member up by, the checked one first. Members created
+    before addresses were checked with `values.email` may hold one it refuses
+    (`ops@corp.local`) or spells otherwise (a Unicode domain): they must still sign in and,
+    above all, be disabled. Empty: nobody can hold it."""
+    found: list[str] = []
+    with contextlib.suppress(InvalidInput):
+        found.append(normalise_email(text))
+    plain = text.strip().lower() if isinstance(text, str) else ""
+    usable = "@" in plain and len(plain) <= EMAIL_MAX_LENGTH and plain.isprintable()
+    if usable and plain not in found:
+        found.append(plain)
+    return found
+
+
+def _by_email(uow: UnitOfWork, spellings: list[str], *, lock: bool = False) -> StaffRecord | None:
+    for spelling in spellings:
+        record = uow.staff.by_email(spelling, lock=lock)
+        if record is not None:
+            return record
+    return None
 
 
 def check_password(password: str) -> str:
@@ -130,9 +154,12 @@ def create_staff(email: str, password: str, uow: UnitOfWork) -> StaffRecord:
 def disable_staff(email: str, uow: UnitOfWork) -> StaffRecord:
     """Stop a staff member signing in, and end their open sessions at once; their entries in
     the journal keep naming them."""
-    address = normalise_email(email)
+    spellings = known_emails(email)
+    if not spellings:
+        normalise_email(email)  # raises InvalidEmail, saying why
+    address = spellings[0]
     with uow:
-        record = uow.staff.by_email(address, lock=True)
+        record = _by_email(uow, spellings, lock=True)
         if record is None:
             raise StaffNotFound(f"no staff member has email {address}")
         uow.staff.disable(record.staff_id, uow.clock())
@@ -173,10 +200,8 @@ def sign_in(
     answer (`SignInFailed`) in the same time. Each attempt is counted before the password is
     checked, with the email and the address locked (service/limits.py), so parallel guesses
     cannot outrun the limit; a success takes its attempt back."""
-    try:
-        address = normalise_email(email)
-    except InvalidInput:
-        address = None
+    spellings = known_emails(email)
+    address = spellings[0] if spellings else None
     counted: list[limits.Limit] = []
     if address is not None:
         counted.append(
@@ -190,7 +215,7 @@ def sign_in(
         )
     with uow:
         now = uow.clock()
-        record = None if address is None else uow.staff.by_email(address)
+        record = _by_email(uow, spellings)
         limits.enforce(uow, counted, now, detail="too many sign-in attempts: try again later")
         attempts = uow.staff.add_attempts([limit.subject for limit in counted], now)
         uow.commit()

@@ -148,7 +148,7 @@ def _gumroad_reversal(
     partial = ping.get("partially_refunded", "").lower() == "true"
     if resource == "refund" and partial and ping.get("refunded", "").lower() != "true":
         cents = ping.get("amount_refunded_in_cents", "").strip()
-        if not cents.isdigit():
+        if not (cents.isascii() and cents.isdigit() and len(cents) <= 16):
             raise InvalidInput("a partial refund ping names no amount_refunded_in_cents")
         refunded = int(cents)
         key = f"{key}:{refunded}"  # each partial refund is its own running total
@@ -207,8 +207,8 @@ def _stripe_reversal(tally: Tally, event: dict[str, Any]) -> Response:
 
 
 def _amount(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EventMalformed("amounts are whole, non-negative numbers of minor units")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= values.MAX_AMOUNT:
+        raise EventMalformed("amounts are whole numbers of minor units from 0 to 2^53")
     return value
 
 
@@ -240,9 +240,10 @@ def _gumroad_sale(tally: Tally, processor: str, ping: dict[str, str], sale_id: s
         return _accepted(ignored="unknown product")
     try:
         sale = payments.gumroad_sale(ping, package, processor=processor, now=tally.clock())
+        # Inside: a sale whose credits would expire past the time range is unusable too.
+        done = _fulfil(tally, sale)
     except InvalidInput as error:
         return _unusable(tally, processor, sale_id, ping, error)
-    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
@@ -305,11 +306,11 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
     quantity = next((q for price, q in items if price == package.stripe_price_id), 1)
     try:
         sale = payments.stripe_sale(session, package, quantity, now=tally.clock())
+        done = _fulfil(tally, sale)
     except EventMalformed:
         raise  # not in Stripe's shape: the webhook's 400, kept for support there
     except InvalidInput as error:  # in shape, but nothing Tally can fulfil
         return _unusable(tally, "stripe", str(session.get("id")), dict(session), error)
-    done = _fulfil(tally, sale)
     return _accepted(order_id=done.order.id, created=done.created)
 
 
