@@ -43,7 +43,6 @@ from tally.service.ports import (
 
 #: Rule 11's default: 10 failed attempts per hour, per account and per client address.
 FAILURES_PER_WINDOW: Final = limits.FAILURES_PER_WINDOW
-FAILURE_WINDOW: Final = limits.FAILURE_WINDOW
 #: Outbox retries: backoff doubles from 30 s up to an hour; after this many tries the message
 #: is marked failed for support to resend.
 MAIL_MAX_ATTEMPTS: Final = 12
@@ -226,9 +225,6 @@ def issue_code(
         now,
     )
     return code
-
-
-_issue_code = issue_code  # the old private name, for callers written before issue 5
 
 
 @dataclass(frozen=True, kw_only=True)

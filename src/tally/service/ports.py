@@ -220,8 +220,6 @@ class Commerce(Protocol):
 
     def add_message(self, message: Message, now: datetime) -> None: ...
 
-    def next_due_message(self, now: datetime) -> Message | None: ...
-
     def claim_message(self, now: datetime, *, until: datetime) -> tuple[str, int] | None:
         """The oldest due message, its attempt counted, not due again until `until`:
         (its id, its attempts with this one)."""

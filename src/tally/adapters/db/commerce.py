@@ -238,19 +238,6 @@ class SqlCommerce:
             },
         )
 
-    def next_due_message(self, now: datetime) -> Message | None:
-        """The oldest message due to be sent, locked; other workers skip it (PostgreSQL)."""
-        query = (
-            select(outbox)
-            .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now)
-            .order_by(outbox.c.next_attempt_at)
-            .limit(1)
-        )
-        if self.postgres:
-            query = query.with_for_update(skip_locked=True)
-        row = self.connection.execute(query).first()
-        return None if row is None else _message(row)
-
     def claim_message(self, now: datetime, *, until: datetime) -> tuple[str, int] | None:
         """The oldest due message, claimed: its attempt counted and not due again until
         `until`. Answers (its id, its attempts with this one). Reads no more than the id, so
