@@ -227,7 +227,9 @@ def test_strangers_on_the_page_never_block_a_persons_platform_redemption(
     # The person's tool site redeems their code for them: it works.
     made = _redeem(shop, "victim", "203.0.113.50", code)
     assert made.status_code == 201, made.text
-    assert answers == [422] * 3 * ALLOWED + [429] * 5
+    # The fourth address had not failed: its first guess is spared the full ceiling, then no
+    # more.
+    assert answers == [422] * 3 * ALLOWED + [422] + [429] * 4
     assert "tried on this page in the last hour. Please try again in 1 hour." in page.text
     assert page.headers["Retry-After"] == "3600"
     assert made.json()["amount"] == CATALOG.packages["pro"].credits
@@ -287,15 +289,30 @@ def test_a_platform_rotating_accounts_and_addresses_meets_its_ceiling(
     assert tripped[0]["retry_after"] == 3600
 
 
-def test_the_page_has_its_own_ceiling(make_shop: MakeShop) -> None:
+def test_the_page_has_its_own_ceiling_which_never_shuts_out_a_buyer(
+    make_shop: MakeShop,
+) -> None:
+    """Used up, the page's ceiling refuses every address that guessed this hour, and lets
+    through one that has not: a stranger who fills it cannot close the page to buyers."""
     shop = make_shop(redeem_page_failures_per_hour=5)
-    answers = []
-    for n in range(7):
+
+    def guess(n: int) -> int:
         _from_address(shop, f"2001:db8:{n}::1")
-        answers.append(shop.client.post("/redeem", data={"code": _guess(), "account": "a"}))
-    assert [page.status_code for page in answers] == [422] * 5 + [429] * 2
-    assert "tried on this page in the last hour" in answers[-1].text
-    assert 'tally_rate_limited_total{limit="page"} 2.0' in shop.client.get("/metrics").text
+        page = shop.client.post("/redeem", data={"code": _guess(), "account": "a"})
+        return page.status_code
+
+    assert [guess(n) for n in range(5)] == [422] * 5
+    assert [guess(0), guess(4)] == [429, 429]  # guessed already: the ceiling holds them
+    refused = shop.client.post("/redeem", data={"code": _guess(), "account": "a"})
+    assert "tried on this page in the last hour" in refused.text
+    assert [guess(5), guess(5)] == [422, 429]  # new: one guess, then held too
+    _from_address(shop, "2001:db8:6::1")
+    bought = shop.client.post(
+        "/redeem", data={"code": _code_for_sale(shop, "sale-buyer"), "account": "buyer"}
+    )
+    assert bought.status_code == 200, bought.text
+    assert "Credits added" in bought.text
+    assert 'tally_rate_limited_total{limit="page"} 4.0' in shop.client.get("/metrics").text
 
 
 # --- code look-ups ---------------------------------------------------------------------------
@@ -413,3 +430,27 @@ def test_a_sign_in_with_the_longest_address_is_one_more_failure(uow: SqlUnitOfWo
             dict.fromkeys(fitted, datetime(2000, 1, 1, tzinfo=UTC))
         )
     assert sorted(count for count, _ in counted.values()) == [1, 1]
+
+
+def test_strangers_guessing_a_staff_password_never_lock_the_member_out(
+    uow: SqlUnitOfWork,
+) -> None:
+    staff.create_staff("support@example.com", "the real long password", uow)
+    wrong = "a wrong long password"
+    for n in range(staff.SIGN_IN_ATTEMPTS_PER_EMAIL):
+        with pytest.raises(SignInFailed):
+            staff.sign_in("support@example.com", wrong, uow, client_address=f"198.51.100.{n}")
+    # The email's allowance is used up: an address that guessed gets no more...
+    with pytest.raises(RateLimited) as held:
+        staff.sign_in("support@example.com", wrong, uow, client_address="198.51.100.0")
+    assert held.value.limit == "sign_in_email"
+    # ...and so does a new one after its one guess, while the member, who has not failed
+    # from their address, signs in.
+    with pytest.raises(SignInFailed):
+        staff.sign_in("support@example.com", wrong, uow, client_address="198.51.100.99")
+    with pytest.raises(RateLimited):
+        staff.sign_in("support@example.com", wrong, uow, client_address="198.51.100.99")
+    member = staff.sign_in(
+        "support@example.com", "the real long password", uow, client_address="203.0.113.5"
+    )
+    assert member.email == "support@example.com"

@@ -19,9 +19,10 @@ Who counts against what, so that a stranger can never spend a person's allowance
   account's allowance. A code look-up names no account: its misses count per address and
   against the ceiling.
 - On the public `/redeem` page, where anyone may type any account id: per client address and
-  against a ceiling for the whole page; never per account. A stranger who fails there, from
-  any number of addresses, can at worst close the page for an hour: the account's redemptions
-  through its platform are counted apart and stay open.
+  against a ceiling for the whole page; never per account. The ceiling, once used up, holds
+  the addresses that failed this hour and spares one that has not (`spares_clean`): strangers
+  who fill it shut out only themselves, never a buyer, and the account's redemptions through
+  its platform are counted apart.
 - The `/lost-code` form and staff sign-in use the same mechanism with their own subjects.
 """
 
@@ -68,17 +69,28 @@ class Limit:
     #: locked: it may be passed by as many attempts as run at that instant, and in exchange
     #: different people's redemptions never wait for each other.
     exact: bool = True
+    #: The subject of the attempt's own client (its address), or None. A limit shared by
+    #: many people (the page's ceiling, a staff email) lets through a client with no failure
+    #: of its own in the window even when used up: strangers who fill it shut out only
+    #: themselves, and a person who has not failed is never locked out by them.
+    spares_clean: str | None = None
 
     def __post_init__(self) -> None:
-        # A subject names what people typed (an email of up to 254 characters): one too long
-        # for its column keeps a readable head and a digest of the whole, still one per input.
-        if len(self.subject) > SUBJECT_MAX_LENGTH:
-            digest = hashlib.sha256(self.subject.encode()).hexdigest()
-            head = self.subject[: SUBJECT_MAX_LENGTH - len(digest) - 1]
-            object.__setattr__(self, "subject", f"{head}#{digest}")
-        assert len(self.subject) <= SUBJECT_MAX_LENGTH, "a subject fits its column"
+        object.__setattr__(self, "subject", fitted(self.subject))
+        if self.spares_clean is not None:
+            object.__setattr__(self, "spares_clean", fitted(self.spares_clean))
         assert self.allowed >= 0  # 0: closed, every attempt refused
         assert timedelta(0) < self.window <= LONGEST_WINDOW, "prune keeps one longest window"
+
+
+def fitted(subject: str) -> str:
+    """A subject names what people typed (an email of up to 254 characters): one too long for
+    its column keeps a readable head and a digest of the whole, still one per input."""
+    if len(subject) > SUBJECT_MAX_LENGTH:
+        digest = hashlib.sha256(subject.encode()).hexdigest()
+        subject = f"{subject[: SUBJECT_MAX_LENGTH - len(digest) - 1]}#{digest}"
+    assert len(subject) <= SUBJECT_MAX_LENGTH, "a subject fits its column"
+    return subject
 
 
 @dataclass(frozen=True)
@@ -135,14 +147,20 @@ def _platform(scope: str, address: ClientAddress | None, allowance: Allowance) -
 
 
 def _page(address: ClientAddress | None, allowance: Allowance) -> list[Limit]:
+    own = f"redeem-page:address:{address or UNKNOWN_ADDRESS}"
     return [
+        Limit("page_address", own, allowance.per_subject, FAILURE_WINDOW),
+        # Used up, the ceiling still lets through addresses with no failure this hour, so a
+        # stranger who fills it cannot close the page to buyers; every address that guessed
+        # gets no more (visitors without a known address share one and are spared nothing).
         Limit(
-            "page_address",
-            f"redeem-page:address:{address or UNKNOWN_ADDRESS}",
-            allowance.per_subject,
+            "page",
+            "redeem-page",
+            allowance.page,
             FAILURE_WINDOW,
+            exact=False,
+            spares_clean=own if address is not None else None,
         ),
-        Limit("page", "redeem-page", allowance.page, FAILURE_WINDOW, exact=False),
     ]
 
 
@@ -160,11 +178,17 @@ def enforce(
         return
     uow.commerce.lock_subjects([limit.subject for limit in limits if limit.exact])
     counts = uow.commerce.failures_within({limit.subject: now - limit.window for limit in limits})
+    named = {limit.subject for limit in limits}
     tripped: list[tuple[timedelta, str]] = []
     for limit in limits:
         count, oldest = counts.get(limit.subject, (0, now))
-        if count >= limit.allowed:
-            tripped.append((oldest + limit.window - now, limit.name))
+        if count < limit.allowed:
+            continue
+        if limit.spares_clean is not None:
+            assert limit.spares_clean in named, "the client's own limit is counted alongside"
+            if limit.spares_clean not in counts:
+                continue  # this client has not failed in its window
+        tripped.append((oldest + limit.window - now, limit.name))
     if tripped:
         wait, name = max(tripped)
         raise RateLimited(detail, retry_after=max(1, math.ceil(wait.total_seconds())), limit=name)

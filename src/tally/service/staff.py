@@ -203,16 +203,21 @@ def sign_in(
     spellings = known_emails(email)
     address = spellings[0] if spellings else None
     counted: list[limits.Limit] = []
+    own = f"sign-in-address:{client_address}" if client_address else None
     if address is not None:
-        counted.append(
-            limits.Limit("sign_in_email", f"sign-in-email:{address}", per_email, SIGN_IN_WINDOW)
-        )
-    if client_address:
+        # Spares an address that has not failed: strangers guessing a member's password
+        # from elsewhere never lock the member out.
         counted.append(
             limits.Limit(
-                "sign_in_address", f"sign-in-address:{client_address}", per_address, SIGN_IN_WINDOW
+                "sign_in_email",
+                f"sign-in-email:{address}",
+                per_email,
+                SIGN_IN_WINDOW,
+                spares_clean=own,
             )
         )
+    if own is not None:
+        counted.append(limits.Limit("sign_in_address", own, per_address, SIGN_IN_WINDOW))
     with uow:
         now = uow.clock()
         record = _by_email(uow, spellings)
