@@ -61,7 +61,7 @@ from tests.support import FakeClock
 
 FAR = datetime.max.replace(tzinfo=UTC)
 ACCOUNTS = 3
-VALIDITIES = [None, "PT1H", "P1D", "P30D", "midnight", "midnight", "next midnight", "past"]
+VALIDITIES = [None, None, "PT1H", "P1D", "P30D", "midnight", "midnight", "next midnight", "past"]
 #: How often each kind of change is drawn; replays and reused keys last (none before a success).
 KINDS = (
     ["grant"] * 4
@@ -784,11 +784,14 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # --- rules --------------------------------------------------------------------------------
 
-    @initialize()
-    def first_grants(self) -> None:
-        """Two accounts start with credits; the third does not exist until a grant."""
-        for account in self.accounts[:2]:
-            cmd = ledger.GrantCredits(account_id=account, amount=30, idempotency_key=account)
+    @initialize(priorities=st.tuples(st.integers(0, 1), st.integers(0, 1)))
+    def first_grants(self, priorities: tuple[int, int]) -> None:
+        """Two accounts start with credits that never expire; the third does not exist until
+        a grant."""
+        for account, priority in zip(self.accounts, priorities, strict=False):
+            cmd = ledger.GrantCredits(
+                account_id=account, amount=30, priority=priority, idempotency_key=account
+            )
             now = self.step()
             check(partial(alone, Grant(cmd), self.model, now), ledger.grant(cmd, self.direct))
 
@@ -844,6 +847,16 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(minutes=st.sampled_from([1, 59, 61, 60 * 24, 60 * 24 * 31]))
     def time_passes(self, minutes: int) -> None:
         self.clock.advance(minutes=minutes)
+
+    @rule(data=st.data())
+    def to_an_expiry(self, data: st.DataObject) -> None:
+        """The clock stops at the very instant a pending hold or a lot expires."""
+        now = self.now()
+        holds = {h.expires_at for h in self.model.holds.values() if h.status == "pending"}
+        lots = {lot.expires_at for lot in self.model.lots.values() if lot.live(now)}
+        instants = sorted(holds | {at for at in lots if at is not None})
+        if instants:
+            self.clock.set(data.draw(st.sampled_from(instants)))
 
     @rule(batch_size=st.sampled_from([1, 100]))
     def sweep(self, batch_size: int) -> None:
