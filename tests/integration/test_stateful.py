@@ -27,9 +27,15 @@ from functools import partial
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tally.adapters.db.engine import Database
 from tally.adapters.db.uow import SqlUnitOfWork
@@ -55,10 +61,21 @@ from tests.support import FakeClock
 
 FAR = datetime.max.replace(tzinfo=UTC)
 ACCOUNTS = 3
-VALIDITIES = [None, "PT1H", "P1D", "P30D", "midnight", "midnight", "next midnight", "past"]
+VALIDITIES = [None, None, "PT1H", "P1D", "P30D", "midnight", "midnight", "next midnight", "past"]
+#: How often each kind of change is drawn; replays and reused keys last (none before a success).
+KINDS = (
+    ["grant"] * 4
+    + ["hold"] * 3
+    + ["capture"] * 3
+    + ["release", "void"]
+    + ["debit"] * 3
+    + ["clawback"] * 2
+    + ["adjust"] * 2
+    + ["replay", "reuse"]
+)
 DURATIONS = {"PT1H": timedelta(hours=1), "P1D": timedelta(days=1), "P30D": timedelta(days=30)}
 
-# --- the model ------------------------------------------------------------------------------
+# --- the model --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -473,6 +490,10 @@ class Adjust(Op):
         return apply
 
 
+def outcome(answer: Any) -> str:
+    return answer.code if isinstance(answer, TallyError) else "ok"
+
+
 def refusal(error: BaseException) -> tuple[str, dict[str, Any]]:
     assert isinstance(error, TallyError), error
     return error.code, error.extra
@@ -555,7 +576,7 @@ def shared_part(
     return fails, later
 
 
-# --- batches --------------------------------------------------------------------------------
+# --- batches ----------------------------------------------------------------------------------
 
 
 class Turnstile:
@@ -629,7 +650,7 @@ class CountingIds:
             return self.issued.to_bytes(size, "big")
 
 
-# --- the machine ----------------------------------------------------------------------------
+# --- the machine ------------------------------------------------------------------------------
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -668,21 +689,16 @@ class LedgerMachine(RuleBasedStateMachine):
             )
         )
 
-    # --- drawing changes --------------------------------------------------------------------
+    # --- drawing changes ----------------------------------------------------------------------
 
     def draw(self, data: st.DataObject, *, batched: bool) -> Op:
         """A change of any kind; in a batch, none that is refused before it is queued."""
         key = secrets.token_hex(8)
         account = data.draw(st.sampled_from(self.accounts))
         lots = list(self.model.lots)
-        holds = list(self.model.holds)
-        kind = data.draw(
-            st.sampled_from(
-                ["grant", "grant", "hold", "capture", "release", "debit", "void", "clawback"]
-                + ["adjust"]
-                + (["replay", "reuse"] if self.done else [])
-            )
-        )
+        pending = [h.id for h in self.model.holds.values() if h.status == "pending"]
+        holds = [*pending, *pending, *self.model.holds]  # mostly the ones that can change
+        kind = data.draw(st.sampled_from(KINDS if self.done else KINDS[:-2]))
         if kind in ("replay", "reuse"):
             op = data.draw(st.sampled_from(self.done))
             return op if kind == "replay" else op.changed()
@@ -766,7 +782,18 @@ class LedgerMachine(RuleBasedStateMachine):
             )
         )
 
-    # --- rules ------------------------------------------------------------------------------
+    # --- rules --------------------------------------------------------------------------------
+
+    @initialize(priorities=st.tuples(st.integers(0, 1), st.integers(0, 1)))
+    def first_grants(self, priorities: tuple[int, int]) -> None:
+        """Two accounts start with credits that never expire; the third does not exist until
+        a grant."""
+        for account, priority in zip(self.accounts, priorities, strict=False):
+            cmd = ledger.GrantCredits(
+                account_id=account, amount=30, priority=priority, idempotency_key=account
+            )
+            now = self.step()
+            check(partial(alone, Grant(cmd), self.model, now), ledger.grant(cmd, self.direct))
 
     @rule(data=st.data(), grouped=st.booleans())
     def change(self, data: st.DataObject, grouped: bool) -> None:
@@ -779,6 +806,7 @@ class LedgerMachine(RuleBasedStateMachine):
             answer = error
         if check(partial(alone, op, self.model, now), answer):
             self.done.append(op)
+        event(f"{type(op).__name__}: {outcome(answer)}")
         self.remember(now)
 
     @rule(data=st.data(), size=st.integers(2, 6))
@@ -801,6 +829,9 @@ class LedgerMachine(RuleBasedStateMachine):
             _, later = shared_part(trial, ops, now, answers)
             self.done += [op for index, op in enumerate(ops) if index not in later]
             self.model = trial
+        event(f"batch of {len(ops)}: {len(ops) - len(later)} shared, fell back: {fell_back}")
+        for op, answer in zip(ops, answers, strict=True):
+            event(f"{type(op).__name__} in a batch: {outcome(answer)}")
         for index in later:
             op = ops[index]
             if check(partial(alone, op, self.model, now), answers[index]):
@@ -816,6 +847,16 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(minutes=st.sampled_from([1, 59, 61, 60 * 24, 60 * 24 * 31]))
     def time_passes(self, minutes: int) -> None:
         self.clock.advance(minutes=minutes)
+
+    @rule(data=st.data())
+    def to_an_expiry(self, data: st.DataObject) -> None:
+        """The clock stops at the very instant a pending hold or a lot expires."""
+        now = self.now()
+        holds = {h.expires_at for h in self.model.holds.values() if h.status == "pending"}
+        lots = {lot.expires_at for lot in self.model.lots.values() if lot.live(now)}
+        instants = sorted(holds | {at for at in lots if at is not None})
+        if instants:
+            self.clock.set(data.draw(st.sampled_from(instants)))
 
     @rule(batch_size=st.sampled_from([1, 100]))
     def sweep(self, batch_size: int) -> None:
@@ -843,7 +884,7 @@ class LedgerMachine(RuleBasedStateMachine):
             balance = ledger.get_balance(account, self.direct, at=at)
             assert (balance.available, balance.held, balance.debt) == expected
 
-    # --- after every step -------------------------------------------------------------------
+    # --- after every step ---------------------------------------------------------------------
 
     @invariant()
     def accounts_match_the_model(self) -> None:
@@ -904,8 +945,8 @@ def test_ledger_matches_the_model(
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(
-            max_examples=60,
-            stateful_step_count=30,
+            max_examples=45,
+            stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
