@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, timedelta
 from typing import Any
 
 import httpx
@@ -98,7 +99,8 @@ def _grant(tally: Tally, account_id: str = "ana", amount: int = 5) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/admin", "/admin/search?q=ana", "/admin/accounts/ana", "/admin/orders/ord_x"]
+    "path",
+    ["/admin", "/admin/search?q=ana", "/admin/accounts/ana", "/admin/orders/ord_x", "/admin/pings"],
 )
 async def test_every_page_without_a_session_redirects_to_sign_in(
     http: httpx.AsyncClient, path: str
@@ -506,3 +508,33 @@ async def test_a_refund_after_credits_were_used_is_refused_on_the_page(
     assert "credits_used" in answer.text
     assert 'id="status">fulfilled<' in answer.text
     assert _balance(tally, "bo") == order.credits - 1
+
+
+async def test_support_sees_the_pings_tally_kept_instead_of_acting_on(
+    http: httpx.AsyncClient, tally: Tally, clock: FakeClock
+) -> None:
+    assert (await _sign_in(http)).status_code == 303
+    empty = await http.get("/admin/pings")
+    assert empty.status_code == 200
+    assert 'id="no-pings"' in empty.text
+    hostile = {"email": "<script>alert(1)</script>@x.com", "sale_id": "s-1"}
+    commerce.record_unmatched(
+        "gumroad", "s-1", "invalid_email: not one address", hostile, tally.uow()
+    )
+    clock.advance(minutes=5)
+    commerce.record_unmatched("stripe", "evt_2", "malformed: no type", {"id": "evt_2"}, tally.uow())
+    page = await http.get("/admin/pings")
+    assert page.status_code == 200
+    rows = re.findall(r"<tr>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>", page.text)
+    when = clock().astimezone(UTC)
+    assert rows == [
+        (f"{when.day} {when:%B %Y, %H:%M} UTC", "stripe", "evt_2"),
+        (
+            f"{(when - timedelta(minutes=5)).day} {when - timedelta(minutes=5):%B %Y, %H:%M} UTC",
+            "gumroad",
+            "s-1",
+        ),
+    ]
+    assert "invalid_email: not one address" in page.text
+    assert "<script>" not in page.text
+    assert "&lt;script&gt;" in page.text

@@ -242,6 +242,9 @@ class Commerce(Protocol):
         self, processor: str, sale_id: str | None, reason: str, payload: Any, now: datetime
     ) -> None: ...
 
+    def unmatched(self, limit: int) -> list[UnmatchedPing]:
+        """The newest pings and events Tally kept without acting on them."""
+
     def lock_subjects(self, subjects: Sequence[str]) -> None:
         """Until the transaction ends, no other transaction counts or adds failures of these
         subjects (service/limits.py)."""
@@ -394,6 +397,19 @@ class StaffSessionRecord:
     last_seen_at: datetime
     expires_at: datetime
     staff_disabled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class UnmatchedPing:
+    """A processor's ping or event kept for support instead of acted on (no package, an
+    unusable address, out of the processor's shape...), as it came."""
+
+    ping_id: str
+    processor: str
+    sale_id: str | None
+    reason: str
+    payload: Any
+    created_at: datetime
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from tally.domain.errors import (
 from tally.domain.model import REASON_MAX_LENGTH, Balance, Entry, Hold, HoldStatus, Lot
 from tally.service import limits
 from tally.service.changes import Command
-from tally.service.ports import DayTotals, StaffRecord, UnitOfWork
+from tally.service.ports import DayTotals, StaffRecord, UnitOfWork, UnmatchedPing
 
 PASSWORD_MIN_LENGTH: Final = 12
 #: argon2 hashes any length; the cap keeps one sign-in from costing more than a normal one.
@@ -500,6 +500,18 @@ def _check_resendable(message: dict[str, Any], uow: UnitOfWork) -> None:
 
 
 # --- the chart -------------------------------------------------------------------------------
+
+
+#: Unmatched pings the console lists, newest first.
+UNMATCHED_SHOWN: Final = 100
+
+
+def unmatched_pings(uow: UnitOfWork, *, limit: int = UNMATCHED_SHOWN) -> list[UnmatchedPing]:
+    """Pings and events Tally kept instead of acting on, newest first: support decides what
+    each was (a sale to fulfil by hand, a forgery, a product missing from the catalog)."""
+    assert 1 <= limit <= 1_000
+    with uow.read_only():
+        return uow.commerce.unmatched(limit)
 
 
 def credit_chart(uow: UnitOfWork, *, days: int = CHART_DAYS) -> list[DayTotals]:

@@ -35,7 +35,7 @@ from tally.adapters.db.schema import (
 )
 from tally.domain.commerce import Code, CodeStatus, Message, Order, OrderStatus
 from tally.domain.values import new_id
-from tally.service.ports import DuplicateSale, ProcessorEvent
+from tally.service.ports import DuplicateSale, ProcessorEvent, UnmatchedPing
 
 # The fulfilment path's writes, compiled once (see fast.py): a sale costs three statements.
 _ADD_ORDER_POSTGRES = FastStatement(pg_insert(orders).on_conflict_do_nothing())
@@ -369,6 +369,25 @@ class SqlCommerce:
                     for subject in subjects
                 ],
             )
+
+    def unmatched(self, limit: int) -> list[UnmatchedPing]:
+        ping = unmatched_pings.c
+        rows = self.connection.execute(
+            select(unmatched_pings)
+            .order_by(ping.created_at.desc(), ping.ping_id.desc())
+            .limit(limit)
+        )
+        return [
+            UnmatchedPing(
+                row.ping_id,
+                row.processor,
+                row.sale_id,
+                row.reason,
+                row.payload,
+                decode_time(row.created_at) if isinstance(row.created_at, str) else row.created_at,
+            )
+            for row in rows
+        ]
 
     def remove_failures_before(self, before: datetime, limit: int) -> int:
         failure = redemption_failures.c

@@ -10,8 +10,10 @@ Origin (or Referer) must be Tally's own when the browser sends one; otherwise 40
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
+from datetime import UTC
 from typing import Annotated, Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -327,6 +329,31 @@ def _chart(days: list[DayTotals]) -> dict[str, Any]:
                 }
             )
     return {"bars": bars, "width": len(days) * width, "height": CHART_HEIGHT, "peak": peak}
+
+
+@router.get("/pings", response_class=HTMLResponse)
+def pings(request: Request, tally: App) -> Response:
+    """Pings and events kept instead of acted on, so support can settle each by hand."""
+    who = _signed_in(request, tally)
+    if who is None:
+        return _to_sign_in(request)
+    kept = staff.unmatched_pings(tally.uow())
+    shown = [
+        {
+            "ping": ping,
+            "when": f"{ping.created_at.astimezone(UTC).day} "
+            f"{ping.created_at.astimezone(UTC):%B %Y, %H:%M} UTC",
+            "payload": json.dumps(ping.payload, indent=2, sort_keys=True, ensure_ascii=True),
+        }
+        for ping in kept
+    ]
+    return _page(
+        "pings.html.j2",
+        title="Pings Tally did not act on",
+        who=who,
+        shown=shown,
+        limit=staff.UNMATCHED_SHOWN,
+    )
 
 
 @router.get("/search", response_class=HTMLResponse)
