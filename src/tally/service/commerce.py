@@ -258,12 +258,8 @@ def redeem(
     refused: RateLimited | CodeInvalidOrUsed | None = None
     with uow:
         now = uow.clock()
-        stored = uow.idempotency.get(scope, key)
-        if stored is not None:
-            if stored.request_hash != request_hash:
-                raise IdempotencyKeyReused
-            uow.replayed = True
-            replayed: Lot = adapter(Lot).validate_python(stored.response)
+        replayed = _stored_redemption(uow, scope, key, request_hash)
+        if replayed is not None:
             return replayed
         try:
             limits.enforce(uow, checked, now)
@@ -279,12 +275,8 @@ def redeem(
             order = None if code is None else uow.commerce.order(code.order_id)
             # The same request, sent again while the first held the code's lock, finds the
             # code redeemed: the first one's stored answer, committed meanwhile, is its answer.
-            stored = None if code is None else uow.idempotency.get(scope, key)
-            if stored is not None:
-                if stored.request_hash != request_hash:
-                    raise IdempotencyKeyReused
-                uow.replayed = True
-                again: Lot = adapter(Lot).validate_python(stored.response)
+            again = None if code is None else _stored_redemption(uow, scope, key, request_hash)
+            if again is not None:
                 return again
             if (
                 code is None
@@ -310,6 +302,18 @@ def redeem(
                 return lot
     assert refused is not None
     raise refused
+
+
+def _stored_redemption(uow: UnitOfWork, scope: str, key: str, request_hash: str) -> Lot | None:
+    """The answer stored under this key, replayed; IdempotencyKeyReused for another request."""
+    stored = uow.idempotency.get(scope, key)
+    if stored is None:
+        return None
+    if stored.request_hash != request_hash:
+        raise IdempotencyKeyReused
+    uow.replayed = True
+    replayed: Lot = adapter(Lot).validate_python(stored.response)
+    return replayed
 
 
 def _credit(
