@@ -6,6 +6,7 @@ builds one with other settings (production, another processor, other limits)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,11 +16,14 @@ import pytest
 
 from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database
+from tally.adapters.mail import Templates
 from tally.bootstrap import Tally, group_commit
 from tally.config import Settings
+from tally.domain import codes
+from tally.domain.commerce import Sale
 from tally.entrypoints.http.app import create_app
-from tally.service import platforms
-from tests.support import FakeClock
+from tally.service import commerce, platforms
+from tests.support import FakeClock, Outbox
 
 SECRET = "abuse suite secret"
 
@@ -64,6 +68,23 @@ class Shop:
 
     def as_platform(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
+
+    def code(self, sale_id: str | None = None) -> str:
+        """A fresh code for a Pro package (25 credits), as its email carries it."""
+        tally = self.tally
+        sale = Sale(
+            processor="gumroad",
+            sale_id=sale_id or f"sale-{secrets.token_hex(4)}",
+            package=tally.catalog.packages["pro"],
+            email="buyer@example.com",
+            purchased_at=tally.clock(),
+            price=2000,
+        )
+        commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
+        mail = Outbox()
+        commerce.deliver_mail(tally.uow(), mail, Templates(), tally.links)
+        (email,) = mail.sent
+        return next(word for word in email.text.split() if codes.normalise(word) is not None)
 
 
 MakeShop = Callable[..., Shop]

@@ -4,36 +4,13 @@
 from __future__ import annotations
 
 import re
-import secrets
 from datetime import UTC, timedelta
 
-from tally.adapters.mail import Templates
-from tally.domain import codes
-from tally.domain.commerce import Sale
-from tally.service import commerce
 from tests.security.conftest import Shop
-from tests.support import FakeClock, Outbox
+from tests.support import FakeClock
 
 MIXED = "User_A@Example.com"
 LOWER = "user_a@example.com"
-
-
-def _code(shop: Shop) -> str:
-    """A code for a Pro package (25 credits), as its email carries it."""
-    tally = shop.tally
-    sale = Sale(
-        processor="gumroad",
-        sale_id=f"sale-{secrets.token_hex(4)}",
-        package=tally.catalog.packages["pro"],
-        email="buyer@example.com",
-        purchased_at=tally.clock(),
-        price=2000,
-    )
-    commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
-    mail = Outbox()
-    commerce.deliver_mail(tally.uow(), mail, Templates(), tally.links)
-    (email,) = mail.sent
-    return next(word for word in email.text.split() if codes.normalise(word) is not None)
 
 
 def _available(shop: Shop, account_id: str) -> int | None:
@@ -46,13 +23,13 @@ def _available(shop: Shop, account_id: str) -> int | None:
 
 
 def test_the_redeem_page_credits_the_account_id_exactly_as_typed(shop: Shop) -> None:
-    page = shop.client.post("/redeem", data={"code": _code(shop), "account": MIXED})
+    page = shop.client.post("/redeem", data={"code": shop.code(), "account": MIXED})
     assert page.status_code == 200, page.text
     assert f"added to {MIXED}" in page.text
     assert (_available(shop, MIXED), _available(shop, LOWER)) == (25, None)
 
     # Surrounding spaces, which no account id may hold, are all the page takes away.
-    page = shop.client.post("/redeem", data={"code": _code(shop), "account": f"  {MIXED}\t"})
+    page = shop.client.post("/redeem", data={"code": shop.code(), "account": f"  {MIXED}\t"})
     assert page.status_code == 200, page.text
     assert (_available(shop, MIXED), _available(shop, LOWER)) == (50, None)
 
@@ -65,7 +42,7 @@ def test_the_redeem_page_lets_people_type_any_account_id(shop: Shop) -> None:
     field = found.group(0)
     assert 'type="text"' in field
     assert 'autocapitalize="none"' in field
-    page = shop.client.post("/redeem", data={"code": _code(shop), "account": "User:42"})
+    page = shop.client.post("/redeem", data={"code": shop.code(), "account": "User:42"})
     assert page.status_code == 200, page.text
     assert (_available(shop, "User:42"), _available(shop, "user:42")) == (25, None)
 
@@ -73,7 +50,7 @@ def test_the_redeem_page_lets_people_type_any_account_id(shop: Shop) -> None:
 def test_the_api_credits_the_account_id_exactly_as_sent(shop: Shop) -> None:
     redeemed = shop.client.post(
         "/v1/redemptions",
-        json={"code": _code(shop), "account_id": MIXED},
+        json={"code": shop.code(), "account_id": MIXED},
         headers={"Idempotency-Key": "redeem-mixed"},
     )
     assert redeemed.status_code == 201, redeemed.text
@@ -92,14 +69,14 @@ def test_the_api_credits_the_account_id_exactly_as_sent(shop: Shop) -> None:
 def test_the_redeem_page_speaks_in_sentences_and_dates_in_words(
     shop: Shop, clock: FakeClock
 ) -> None:
-    page = shop.client.post("/redeem", data={"code": _code(shop), "account": MIXED})
+    page = shop.client.post("/redeem", data={"code": shop.code(), "account": MIXED})
     expires = (clock() + timedelta(days=730)).astimezone(UTC)
     assert f"valid until {expires.day} {expires:%B %Y}." in page.text
     refused = shop.client.post("/redeem", data={"code": "AAAA-BBBB-CCCC-DDDD", "account": MIXED})
     assert refused.status_code == 422
     assert "This code is not valid or was used already." in refused.text
     assert '<a href="/lost-code">Ask for a new code</a>' in refused.text
-    bad_id = shop.client.post("/redeem", data={"code": _code(shop), "account": "a b"})
+    bad_id = shop.client.post("/redeem", data={"code": shop.code(), "account": "a b"})
     assert bad_id.status_code == 422
     found = re.search(r'<p class="error" id="error">([^<]*)</p>', bad_id.text)
     assert found is not None

@@ -228,29 +228,32 @@ def test_a_well_formed_event_at_the_edges_is_fulfilled(stripe_shop: Shop) -> Non
     assert _kept(stripe_shop) == []
 
 
+def _gumroad(make_shop: MakeShop) -> Shop:
+    return make_shop(gumroad_webhook_token="gumroad-token", gumroad_seller_id="seller")
+
+
+def _ping(shop: Shop, sale_id: str, **fields: str) -> httpx.Response:
+    ping = {"seller_id": "seller", "sale_id": sale_id, "email": "buyer@example.com", **fields}
+    return shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+
+
 @pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
 def test_a_gumroad_sale_time_out_of_range_is_taken_as_now(make_shop: MakeShop, stamp: str) -> None:
     """Gumroad's `sale_timestamp` is informative: one Tally cannot read is the time it heard
     of the sale, never a 500 that Gumroad would retry."""
-    shop = make_shop(gumroad_webhook_token="gumroad-token", gumroad_seller_id="seller")
-    ping = {
-        "seller_id": "seller",
-        "sale_id": f"sale-{stamp[:4]}",
-        "sale_timestamp": stamp,
-        "product_permalink": "https://example.gumroad.com/l/popular",
-        "email": "buyer@example.com",
-        "price": "900",
-        "quantity": "1",
-    }
-    answer = shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+    shop = _gumroad(make_shop)
+    answer = _ping(
+        shop,
+        f"sale-{stamp[:4]}",
+        sale_timestamp=stamp,
+        product_permalink="https://example.gumroad.com/l/popular",
+        price="900",
+        quantity="1",
+    )
     assert answer.status_code == 200, answer.text
     assert answer.json()["created"] is True
     found = shop.client.get("/v1/orders", params={"email": "buyer@example.com"}).json()
     assert [order["purchased_at"] for order in found["data"]] == ["2026-01-01T12:00:00Z"]
-
-
-def _gumroad(make_shop: MakeShop) -> Shop:
-    return make_shop(gumroad_webhook_token="gumroad-token", gumroad_seller_id="seller")
 
 
 def test_a_gumroad_sale_whose_credits_would_expire_past_the_range_is_kept(
@@ -259,15 +262,13 @@ def test_a_gumroad_sale_whose_credits_would_expire_past_the_range_is_kept(
     """A Pro sale dated in 8999 would expire past the range: kept for support, answered 200
     (Gumroad stops resending), never a 4xx or 5xx that it retries."""
     shop = _gumroad(make_shop)
-    ping = {
-        "seller_id": "seller",
-        "sale_id": "sale-8999",
-        "sale_timestamp": "8999-06-01T00:00:00Z",
-        "product_permalink": "https://example.gumroad.com/l/pro",
-        "email": "buyer@example.com",
-        "price": "2000",
-    }
-    answer = shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+    answer = _ping(
+        shop,
+        "sale-8999",
+        sale_timestamp="8999-06-01T00:00:00Z",
+        product_permalink="https://example.gumroad.com/l/pro",
+        price="2000",
+    )
     assert answer.status_code == 200, answer.text
     assert answer.json()["ignored"] == "invalid_duration"
     with shop.tally.database.engine.connect() as connection:
@@ -279,14 +280,12 @@ def test_a_gumroad_sale_whose_credits_would_expire_past_the_range_is_kept(
 def test_a_gumroad_partial_refund_of_an_unreadable_amount_is_a_4xx(
     make_shop: MakeShop, cents: str
 ) -> None:
-    shop = _gumroad(make_shop)
-    ping = {
-        "seller_id": "seller",
-        "sale_id": "sale-refund",
-        "resource_name": "refund",
-        "refunded": "false",
-        "partially_refunded": "true",
-        "amount_refunded_in_cents": cents,
-    }
-    answer = shop.client.post("/webhooks/gumroad/gumroad-token", data=ping)
+    answer = _ping(
+        _gumroad(make_shop),
+        "sale-refund",
+        resource_name="refund",
+        refunded="false",
+        partially_refunded="true",
+        amount_refunded_in_cents=cents,
+    )
     assert 400 <= answer.status_code < 500, answer.text

@@ -58,22 +58,6 @@ def _from_address(shop: Shop, address: str) -> None:
     shop.client.http._transport.client = (address, 50_000)  # type: ignore[attr-defined]
 
 
-def _code_for_sale(shop: Shop, sale_id: str) -> str:
-    tally = shop.tally
-    sale = Sale(
-        processor="gumroad",
-        sale_id=sale_id,
-        package=CATALOG.packages["pro"],
-        email="ana@example.com",
-        purchased_at=tally.clock(),
-        price=2000,
-    )
-    commerce.fulfil(sale, tally.uow(), pepper=tally.pepper, links=tally.links)
-    mail = Outbox()
-    commerce.deliver_mail(tally.uow(), mail, Templates(), tally.links)
-    return next(word for word in mail.sent[-1].text.split() if codes.normalise(word))
-
-
 # --- concurrency ---------------------------------------------------------------------------
 
 
@@ -216,7 +200,7 @@ def test_strangers_on_the_page_never_block_a_persons_platform_redemption(
     make_shop: MakeShop,
 ) -> None:
     shop = make_shop(redeem_page_failures_per_hour=3 * ALLOWED)
-    code = _code_for_sale(shop, "sale-victim")
+    code = shop.code("sale-victim")
     # Strangers from many addresses post wrong codes for the person's account until the page
     # itself closes.
     answers = []
@@ -307,9 +291,7 @@ def test_the_page_has_its_own_ceiling_which_never_shuts_out_a_buyer(
     assert "tried on this page in the last hour" in refused.text
     assert [guess(5), guess(5)] == [422, 429]  # new: one guess, then held too
     _from_address(shop, "2001:db8:6::1")
-    bought = shop.client.post(
-        "/redeem", data={"code": _code_for_sale(shop, "sale-buyer"), "account": "buyer"}
-    )
+    bought = shop.client.post("/redeem", data={"code": shop.code("sale-buyer"), "account": "buyer"})
     assert bought.status_code == 200, bought.text
     assert "Credits added" in bought.text
     assert 'tally_rate_limited_total{limit="page"} 4.0' in shop.client.get("/metrics").text
@@ -333,7 +315,7 @@ def test_code_look_ups_count_toward_the_same_limits(shop: Shop) -> None:
 
 def test_code_look_up_misses_count_against_the_platform_ceiling(make_shop: MakeShop) -> None:
     shop = make_shop(redeem_failures_per_platform_per_hour=4)
-    code = _code_for_sale(shop, "sale-1")
+    code = shop.code("sale-1")
     found = [shop.client.get(f"/v1/codes/{_guess()}").status_code for _ in range(4)]
     assert found == [404] * 4
     assert shop.client.get(f"/v1/codes/{code}").status_code == 429
