@@ -128,7 +128,7 @@ def _delay(attempt: int, response: httpx.Response | None) -> float:
 
 
 class _Calls:
-    """What each endpoint takes and answers (SPEC.md §3); the clients only send them."""
+    """What each endpoint takes and answers (docs/rules.md §3); the clients only send them."""
 
     @staticmethod
     def put_account(account_id: str, email: str | None) -> _Call[AccountOut]:

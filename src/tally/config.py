@@ -1,4 +1,4 @@
-"""Settings from the environment (SPEC.md §6). Read when asked for, never at import time."""
+"""Settings from the environment (docs/rules.md §6). Read when asked for, never at import time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The HTTP API v1 (SPEC.md §3) against a real `tally serve`, on SQLite and PostgreSQL: every
+"""The HTTP API v1 (docs/rules.md §3) against a real `tally serve`, on SQLite and PostgreSQL: every
 endpoint with the values it answers, idempotency over the wire, bad input, and the edge (request
 ids, problem+json, logs, metrics)."""
 

@@ -1,4 +1,4 @@
-"""Who may call what (SPEC.md §3): every /v1 endpoint against no key, bad keys, a revoked key
+"""Who may call what (docs/rules.md §3): every /v1 endpoint against no key, bad keys, a revoked key
 and a key of each scope, on a real server over SQLite and PostgreSQL."""
 
 from __future__ import annotations

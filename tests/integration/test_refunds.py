@@ -1,5 +1,5 @@
-"""Refunds and disputes on SQLite and PostgreSQL (SPEC.md rules 8 and 9, §4): the refund window,
-untouched credits only, one refund per order, nothing changed when the processor says no;
+"""Refunds and disputes on SQLite and PostgreSQL (docs/rules.md rules 8 and 9, §4): the refund
+window, untouched credits only, one refund per order, nothing changed when the processor says no;
 chargebacks that turn spent credits into debt repaid by the next purchase; processor events
 applied once, before or after their sale; won disputes that give everything back."""
 

@@ -1,4 +1,5 @@
-"""The catalog file: the default matches SPEC §5, tools price jobs, mistakes stop start-up."""
+"""The catalog file: the default matches docs/rules.md §5, tools price jobs, mistakes stop
+start-up."""
 
 from __future__ import annotations
 

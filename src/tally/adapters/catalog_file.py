@@ -85,7 +85,7 @@ def load(path: Path | None = None) -> Catalog:
 
 
 def builtin() -> Catalog:
-    """The default catalog of SPEC.md §5, shipped inside the package."""
+    """The default catalog of docs/rules.md §5, shipped inside the package."""
     text = resources.files("tally").joinpath("default_catalog.toml").read_text("utf-8")
     return parse(text, "the built-in catalog")
 

@@ -70,7 +70,7 @@ def mime(email: Email, now: datetime) -> EmailMessage:
 
 
 class Templates:
-    """The three messages of SPEC.md §4, in text and HTML."""
+    """The three messages of docs/rules.md §4 (a code, a gift, a replacement), in text and HTML."""
 
     def __init__(self) -> None:
         self._env = Environment(

@@ -1,8 +1,8 @@
 """Tally's domain: the rules of credits, with no I/O.
 
-Words (SPEC.md §1): an **account** owns **lots** (credits of one origin and validity); a **hold**
-reserves credits for a job and is `pending` until `captured`, `released` or `expired`; an
-**entry** is one immutable journal row saying why credits moved.
+Words (docs/rules.md §1): an **account** owns **lots** (credits of one origin and
+validity); a **hold** reserves credits for a job and is `pending` until `captured`,
+`released` or `expired`; an **entry** is one immutable journal row saying why credits moved.
 
 Where credits live. A credit granted to an account is, at every instant, in exactly one place:
 a lot's `remaining`, a pending hold's allocation, or gone (captured, debited, expired, voided,

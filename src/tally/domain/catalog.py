@@ -1,4 +1,4 @@
-"""The catalog (SPEC.md §5): tools that spend credits and packages that sell them. Pure rules;
+"""The catalog (docs/rules.md §5): tools that spend credits and packages that sell them. Pure rules;
 the file `tally.toml` is read by `tally.adapters.catalog_file`."""
 
 from __future__ import annotations

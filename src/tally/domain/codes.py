@@ -1,4 +1,4 @@
-"""Redemption codes (SPEC.md rule 11). Pure rules: making, normalising, checking, hashing.
+"""Redemption codes (docs/rules.md rule 11). Pure rules: making, normalising, checking, hashing.
 
 A code is 15 random Crockford base32 symbols (75 bits) and one Luhn mod 32 check symbol,
 shown as `XXXX-XXXX-XXXX-XXXX`. Input forgives case, spaces and hyphens, and reads I and L as

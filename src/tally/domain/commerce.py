@@ -1,4 +1,4 @@
-"""Orders and codes (SPEC.md rules 4, 10-12, §4). Pure rules: what a sale is worth, until when
+"""Orders and codes (docs/rules.md rules 4, 10-12, §4). Pure rules: what a sale is worth, until when
 its credits last, and what a code may do next."""
 
 from __future__ import annotations

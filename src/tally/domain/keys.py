@@ -1,4 +1,5 @@
-"""API keys and scopes (SPEC.md §3). Pure rules: the key's shape, its hash, what a scope allows.
+"""API keys and scopes (docs/rules.md §3). Pure rules: the key's shape, its hash, what a scope
+allows.
 
 A key reads `tly_<prefix>_<secret>`: the prefix (10 random symbols) is the visible, indexed
 half that `tally keys list` shows and `tally keys revoke` takes; the secret (32 symbols, 160

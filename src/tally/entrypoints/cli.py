@@ -1,4 +1,5 @@
-"""`tally`: the operator's command line (SPEC.md §6). `TALLY_DATABASE_URL` picks the database."""
+"""`tally`: the operator's command line (docs/rules.md §6). `TALLY_DATABASE_URL` picks the
+database."""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def balance(
     account_id: str,
     at: Annotated[str | None, typer.Option(help="RFC 3339: the balance at a past time")] = None,
 ) -> None:
-    """Print an account's balance (SPEC.md §3)."""
+    """Print an account's balance (docs/rules.md §3)."""
     tally = _tally()
     try:
         when = None if at is None else values.parse_time(at, field="at")

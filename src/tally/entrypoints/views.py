@@ -1,4 +1,4 @@
-"""The JSON shapes Tally answers with (SPEC.md §3), shared by the CLI and the HTTP API."""
+"""The JSON shapes Tally answers with (docs/rules.md §3), shared by the CLI and the HTTP API."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from tally.service.ports import AuditReport, UnitOfWork
 DEFAULT_VALIDITY: Final = {"purchase": "P2Y", "gift": "P2Y"}
 SWEEP_BATCH_SIZE: Final = 100
 SWEEP_MAX_BATCHES: Final = 10_000
-#: SPEC §3: lists answer at most 500 items a page.
+#: docs/rules.md §3: lists answer at most 500 items a page.
 PAGE_MAX: Final = 500
 METADATA_MAX_BYTES: Final = 4_096
 
@@ -298,7 +298,7 @@ def get_balance(account_id: str, uow: UnitOfWork, at: datetime | None = None) ->
 
 @dataclass(frozen=True)
 class Page(Generic[T]):
-    """One page of a list (SPEC §3): at most `limit` items and whether more follow."""
+    """One page of a list (docs/rules.md §3): at most `limit` items and whether more follow."""
 
     items: list[T]
     has_more: bool

@@ -341,7 +341,7 @@ class RefundRequest:
 
 @dataclass(frozen=True)
 class ProcessorEvent:
-    """A refund or dispute a processor reported (SPEC.md §4), kept once per event."""
+    """A refund or dispute a processor reported (docs/rules.md §4), kept once per event."""
 
     id: str
     processor: str  # gumroad, stripe or sandbox

@@ -1,4 +1,4 @@
-"""Refunds and disputes (SPEC.md rules 8 and 9, §4): support refunds through the processor,
+"""Refunds and disputes (docs/rules.md rules 8 and 9, §4): support refunds through the processor,
 and the processors' own refunds and disputes reported by webhook.
 
 Taking an order back (rule 8) works on what the order became:

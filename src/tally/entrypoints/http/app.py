@@ -1,4 +1,4 @@
-"""The HTTP application (SPEC.md §3): the v1 routes, operations endpoints, and the error
+"""The HTTP application (docs/rules.md §3): the v1 routes, operations endpoints, and the error
 mapping that makes every failure RFC 9457 problem+json with Tally's `code`."""
 
 from __future__ import annotations

@@ -135,8 +135,8 @@ async def gumroad_webhook(
 
 # --- refunds and disputes reported by the processors (issue 5, engineer A) ------------------------
 
-#: Gumroad's refund and dispute pings (SPEC.md §4). Gumroad sends no event id: one of each kind
-#: per sale is applied, however often it arrives.
+#: Gumroad's refund and dispute pings (docs/rules.md §4). Gumroad sends no event id: one of
+#: each kind per sale is applied, however often it arrives.
 _GUMROAD_REVERSALS: Final = ("refund", "dispute", "dispute_won")
 
 

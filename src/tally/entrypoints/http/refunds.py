@@ -1,4 +1,4 @@
-"""Support refunds over HTTP: `POST /v1/orders/{order_id}/refund` (SPEC.md §3, rule 9)."""
+"""Support refunds over HTTP: `POST /v1/orders/{order_id}/refund` (docs/rules.md §3, rule 9)."""
 
 from __future__ import annotations
 

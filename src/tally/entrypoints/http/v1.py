@@ -1,6 +1,6 @@
-"""The routes of the HTTP API v1 (SPEC.md §3): one plain function per endpoint, each calling one
-use case. FastAPI runs them on its thread pool, so concurrent requests share transactions
-through the group commit just as in-process callers do."""
+"""The routes of the HTTP API v1 (docs/rules.md §3): one plain function per endpoint, each
+calling one use case. FastAPI runs them on its thread pool, so concurrent requests share
+transactions through the group commit just as in-process callers do."""
 
 from __future__ import annotations
 
