@@ -166,6 +166,7 @@ def shop(database_url: str, workers: int, directory: str) -> Iterator[Server]:
         "TALLY_SECRET_KEY": "bench secret",
         "TALLY_ENV": "production",
         "TALLY_WORKER": "off",  # the outbox row is the finish line; sending is another job
+        "TALLY_SMTP_URL": "smtp://127.0.0.1:9",  # production needs one; nothing is sent
     }
     tally(env, directory, "migrate")
     port = free_port()

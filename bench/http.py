@@ -2,7 +2,7 @@
 
 It runs real servers as an operator runs them: `tally migrate`, `tally platforms create bench
 --scopes read,spend,grant` (the key is its last line), then `tally serve --workers N` on a free
-port. SQLite: 1 process, as `make run` has it. PostgreSQL: README's production setup
+port. SQLite: 1 process, as `make run` has it. PostgreSQL: docs/operations.md's production setup
 (`TALLY_ENV=production TALLY_WORKER=off`, one process per core: `--workers 2` on this 2-core
 machine, the command the targets are judged on), and beside it 1 process and two per core. Each
 server gets a fresh database or schema, dropped after, and is stopped however the run ends. Just
@@ -78,19 +78,24 @@ from sqlalchemy.engine import make_url
 from tally.adapters.db.engine import Database, connect
 
 ACCOUNTS = 1_000
-#: README's production environment: no worker jobs in the API processes (one `tally worker`
-#: runs them; the sweep has nothing to do here, so it is left out).
+#: docs/operations.md's production environment: no worker jobs in the API processes (one
+#: `tally worker` runs them; the sweep has nothing to do here, so it is left out). Production
+#: starts only with a real processor and an SMTP server: neither is reached by this bench.
 PRODUCTION_SETTINGS = {
     "TALLY_ENV": "production",
     "TALLY_WORKER": "off",
     "TALLY_SECRET_KEY": secrets.token_urlsafe(32),
+    "TALLY_PAYMENTS": "gumroad",
+    "TALLY_GUMROAD_WEBHOOK_TOKEN": secrets.token_urlsafe(16),
+    "TALLY_GUMROAD_SELLER_ID": "bench-seller",
+    "TALLY_SMTP_URL": "smtp://127.0.0.1:9",
 }
 IN_PROCESS_THREADS = 8
 CLIENTS = (1, 32)
 #: The paced run offers this share of the rate the 32 clients reached as fast as answered.
 PACED_SHARE = 0.5
-#: `tally serve --workers N` on PostgreSQL as README's "Deploying on PostgreSQL" has it: one
-#: process per core. One process, and two per core, are measured beside it.
+#: `tally serve --workers N` on PostgreSQL as docs/operations.md's deployment block has it:
+#: one process per core. One process, and two per core, are measured beside it.
 PRODUCTION_WORKERS = os.cpu_count() or 1
 PG_WORKERS = tuple(sorted({1, PRODUCTION_WORKERS, 2 * PRODUCTION_WORKERS}))
 STOCK = 10**12
