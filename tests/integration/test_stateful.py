@@ -4,7 +4,8 @@ Three accounts per example; every change the ledger offers (grants with a validi
 absolute expiry, holds by amount or by units, partial captures, releases, debits, voids,
 clawbacks of an account or of one lot, adjustments both ways, debt and its repayment, sweeps,
 replays and reused keys), each run directly, through the group commit alone, or in a batch
-of up to six changes that share one transaction. After every step the balances, lots and
+of up to seven changes that share one transaction; the clock jumps, and stops at exact
+expiry instants. After every step the balances, lots and
 holds of each account must equal the model's, and `tally check`'s audit must pass.
 
 A batch keeps every change's meaning (service/group_commit.py): changes apply in order; one
@@ -945,7 +946,7 @@ def test_ledger_matches_the_model(
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(
-            max_examples=45,
+            max_examples=75,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
