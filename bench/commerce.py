@@ -14,7 +14,7 @@ For each database (SQLite, PostgreSQL) it measures, for a fixed time each:
 
     .venv/bin/python bench/commerce.py [--seconds 5] [--only sqlite|postgresql]
 
-Target (issue 4): at least 300 fulfilments/s over HTTP on PostgreSQL. Machines are noisy: the
+Target: at least 300 fulfilments/s over HTTP on PostgreSQL. Machines are noisy: the
 ratios to the debit rate of the same run say more than the absolute rates.
 """
 

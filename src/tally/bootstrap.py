@@ -97,7 +97,7 @@ class Tally:
             return self.settings.gumroad_seller_id
         return SANDBOX_SELLER_ID if processor == "sandbox" and self.settings.sandbox else ""
 
-    # --- refunds and disputes (issue 5, engineer A)
+    # --- refunds and disputes
     @cached_property
     def refund_gateway(self) -> RefundGateway:
         """Where refunds go: each order is refunded by the processor that sold it."""

@@ -57,7 +57,7 @@ class Settings:
     stripe_api_base: str | None = None
     #: Failed redemptions allowed per account and per client address per hour (rule 11).
     redeem_failures_per_hour: int = 10
-    # --- lost codes and reconciliation (issue 5, engineer B)
+    # --- lost codes and reconciliation
     #: /lost-code requests allowed per client address per hour (TALLY_LOST_CODE_PER_HOUR).
     lost_code_requests_per_hour: int = 5
     #: How often the worker asks the processors for sales Tally missed, in seconds

@@ -62,7 +62,7 @@ def matches_secret(given: str, expected: str) -> bool:
     return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-# --- Gumroad ----------------------------------------------------------------------------------
+# --- Gumroad --------------------------------------------------------------------------------------
 
 
 def gumroad_package(catalog: Catalog, ping: Mapping[str, str]) -> Package | None:
@@ -145,7 +145,7 @@ class GumroadApi:
         return flatten(sale) if isinstance(sale, dict) else None
 
 
-# --- Stripe -----------------------------------------------------------------------------------
+# --- Stripe ---------------------------------------------------------------------------------------
 
 
 def stripe_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
@@ -241,7 +241,7 @@ def stripe_sale(
         order_number=str(session.get("id") or ""),
         gifter_email=str(buyer) if gift and buyer else None,
         is_test=not bool(session.get("livemode", False)),
-        # Charges, refunds and disputes name the payment intent, not the session (issue 5).
+        # Charges, refunds and disputes name the payment intent, not the session.
         payment_ref=intent if isinstance(intent := session.get("payment_intent"), str) else None,
     )
 

@@ -36,7 +36,7 @@ class TallyError(Exception):
         return body
 
 
-# --- bad input (rule 1, identifiers, times, durations) -------------------------------------
+# --- bad input (rule 1, identifiers, times, durations) --------------------------------------------
 
 
 class InvalidInput(TallyError):
@@ -148,7 +148,7 @@ class PayloadTooLarge(TallyError):
     title = "Request body too large"
 
 
-# --- who is asking ----------------------------------------------------------------------------
+# --- who is asking --------------------------------------------------------------------------------
 
 
 class ApiKeyRequired(TallyError):
@@ -175,7 +175,7 @@ class ScopeMissing(TallyError):
     title = "Scope missing"
 
 
-# --- unknown things -------------------------------------------------------------------------
+# --- unknown things -------------------------------------------------------------------------------
 
 
 class NotFound(TallyError):
@@ -235,7 +235,7 @@ class OrderNotFound(NotFound):
     title = "Order not found"
 
 
-# --- wrong state -----------------------------------------------------------------------------
+# --- wrong state ----------------------------------------------------------------------------------
 
 
 class InsufficientCredits(TallyError):
@@ -353,7 +353,7 @@ class PlatformExists(Conflict):
     title = "Platform exists"
 
 
-# --- money back and support (rules 8-10) --------------------------------------------------------
+# --- money back and support (rules 8-10) ----------------------------------------------------------
 
 
 class RefundRefused(Conflict):
@@ -432,7 +432,7 @@ class CsrfRejected(TallyError):
     title = "Cross-site request refused"
 
 
-# --- the support console (issue 5, engineer C)
+# --- the support console
 
 
 class StaffExists(Conflict):

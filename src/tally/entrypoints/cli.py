@@ -370,7 +370,7 @@ def keys_revoke(key_prefix: str) -> None:
     typer.echo(f"revoked {revoked.prefix} of {revoked.platform_name}")
 
 
-# --- the support console's staff (issue 5, engineer C)
+# --- the support console's staff
 
 staff_app = typer.Typer(help="Staff who sign in to the support console at /admin.")
 app.add_typer(staff_app, name="staff")
@@ -471,7 +471,7 @@ def sweep() -> None:
     )
 
 
-# --- lost codes and reconciliation (issue 5, engineer B) ------------------------------------
+# --- lost codes and reconciliation ----------------------------------------------------------------
 
 
 @app.command()
@@ -537,7 +537,7 @@ def reconcile(
         raise typer.Exit(1)
 
 
-# --- refunds (issue 5, engineer A) ------------------------------------------------------------
+# --- refunds --------------------------------------------------------------------------------------
 
 
 @app.command()

@@ -112,7 +112,7 @@ def fulfil(sale: Sale, uow: UnitOfWork, *, pepper: bytes, links: Links) -> Fulfi
             assert found is not None, "the sale that won the race is committed"
             return Fulfilment(found, created=False)
         # Refunds and disputes reported before the sale apply now; a refunded or disputed
-        # order's code is never emailed (issue 5, see service/refunds.py).
+        # order's code is never emailed (see service/refunds.py).
         order = refunds.apply_pending(
             order, uow, pepper=pepper, links=links, package_name=package.name, now=now
         )

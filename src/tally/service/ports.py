@@ -257,7 +257,7 @@ class Commerce(Protocol):
     def remove_failures_before(self, before: datetime, limit: int) -> int:
         """Delete at most `limit` failures recorded before `before`; how many went."""
 
-    # --- lost codes and reconciliation (issue 5, engineer B)
+    # --- lost codes and reconciliation
 
     def void_issued_code(self, code_id: str, now: datetime) -> bool:
         """Void the code if it is still issued; False if it is not (redeemed or void)."""
@@ -278,7 +278,7 @@ class Commerce(Protocol):
     def unmatched_recorded(self, processor: str, sale_id: str) -> bool:
         """Whether an unmatched sale was kept for support already."""
 
-    # --- refunds and disputes (issue 5, engineer A)
+    # --- refunds and disputes
 
     def lock_sale(self, processor: str, key: str) -> None:
         """Serialise the fulfilment of a sale with the events about it (PostgreSQL: an
@@ -320,7 +320,7 @@ class Commerce(Protocol):
         """Mark the event applied, with its order and what it took or restored."""
 
 
-# --- refunds and disputes (issue 5, engineer A) ---------------------------------------------
+# --- refunds and disputes -------------------------------------------------------------------------
 
 
 class RefundFailed(Exception):
@@ -374,7 +374,7 @@ class RefundGateway(Protocol):
         raise RefundFailed with the processor's own words."""
 
 
-# --- the support console (issue 5, engineer C) ----------------------------------------------
+# --- the support console --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def _order(row: Any) -> Order:
         status=OrderStatus(row.status),
         purchased_at=row.purchased_at,
         created_at=row.created_at,
-        # refunds and disputes (issue 5, engineer A)
+        # refunds and disputes
         payment_ref=row.payment_ref,
         refunded_amount=row.refunded_amount,
         credits_taken=row.credits_taken,
@@ -116,7 +116,7 @@ class SqlCommerce:
         self.connection = connection
         self.postgres = connection.dialect.name == "postgresql"
 
-    # --- orders ---------------------------------------------------------------------------
+    # --- orders -----------------------------------------------------------------------------------
 
     def add_order(self, order: Order) -> None:
         """Raises DuplicateSale when the processor's sale has an order already: the unique key
@@ -142,7 +142,7 @@ class SqlCommerce:
                 "status": order.status.value,
                 "purchased_at": order.purchased_at,
                 "created_at": order.created_at,
-                # refunds and disputes (issue 5, engineer A)
+                # refunds and disputes
                 "payment_ref": order.payment_ref,
                 "refunded_amount": order.refunded_amount,
                 "credits_taken": order.credits_taken,
@@ -166,7 +166,7 @@ class SqlCommerce:
         row = self.connection.execute(select(orders).where(orders.c.order_id == order_id)).first()
         return None if row is None else _order(row)
 
-    # --- codes ------------------------------------------------------------------------------
+    # --- codes ------------------------------------------------------------------------------------
 
     def add_code(self, code: Code, digest: str) -> None:
         _ADD_CODE.execute(
@@ -216,7 +216,7 @@ class SqlCommerce:
         )
         assert done.rowcount == 1, "a locked, issued code is redeemed exactly once"
 
-    # --- the outbox -----------------------------------------------------------------------------
+    # --- the outbox -------------------------------------------------------------------------------
 
     def add_message(self, message: Message, now: datetime) -> None:
         _ADD_MESSAGE.execute(
@@ -310,7 +310,7 @@ class SqlCommerce:
         )
         return [dict(row._mapping) for row in rows]
 
-    # --- unmatched pings and redemption failures -------------------------------------------------
+    # --- unmatched pings and redemption failures --------------------------------------------------
 
     def add_unmatched(
         self, processor: str, sale_id: str | None, reason: str, payload: Any, now: datetime
@@ -399,7 +399,7 @@ class SqlCommerce:
         )
         return int(done.rowcount)
 
-    # --- lost codes and reconciliation (issue 5, engineer B) ---------------------------------
+    # --- lost codes and reconciliation ------------------------------------------------------------
 
     def void_issued_code(self, code_id: str, now: datetime) -> bool:
         done = self.connection.execute(
@@ -451,7 +451,7 @@ class SqlCommerce:
         ).first()
         return row is not None
 
-    # --- refunds and disputes (issue 5, engineer A) ------------------------------------------
+    # --- refunds and disputes ---------------------------------------------------------------------
 
     def lock_sale(self, processor: str, key: str) -> None:
         if self.postgres:  # SQLite: BEGIN IMMEDIATE serialises writers already

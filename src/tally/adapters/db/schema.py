@@ -236,7 +236,7 @@ idempotency_keys = Table(
     sqlite_with_rowid=False,
 )
 
-# --- platforms and their API keys -------------------------------------------------------------
+# --- platforms and their API keys -----------------------------------------------------------------
 
 platforms = Table(
     "platforms",
@@ -260,7 +260,7 @@ api_keys = Table(
 )
 
 
-# --- commerce: orders, codes, the outbox --------------------------------------------------------
+# --- commerce: orders, codes, the outbox ----------------------------------------------------------
 
 orders = Table(
     "orders",
@@ -374,7 +374,7 @@ redemption_failures = Table(
 )
 
 
-# --- refunds and disputes (issue 5, engineer A) --------------------------------------------------
+# --- refunds and disputes -------------------------------------------------------------------------
 
 #: What an order gave back (rules 8 and 9). Appended here rather than in the orders table above so
 #: the migration that adds them (0004) reads alongside. `credits_taken` counts every credit taken
@@ -456,7 +456,7 @@ processor_events = Table(
 )
 
 
-# --- the support console: staff, their sessions, their actions (issue 5, engineer C) -----------
+# --- the support console: staff, their sessions, their actions ------------------------------------
 
 staff = Table(
     "staff",
@@ -502,7 +502,7 @@ staff_actions = Table(
     CheckConstraint("length(reason) BETWEEN 1 AND 500", name="reason_given"),
 )
 
-# --- the append-only journal, enforced by the database --------------------------------------
+# --- the append-only journal, enforced by the database --------------------------------------------
 
 _SQLITE_TRIGGERS = (
     "CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries "

@@ -111,9 +111,9 @@ def create_app(tally: Tally, *, worker: bool = False, owns: bool = False) -> Fas
     app.include_router(commerce.router)
     if not tally.settings.production:
         app.include_router(commerce.development_router)
-    app.include_router(orders_http.router)  # issue 5: /v1/orders, /lost-code
-    app.include_router(admin.router)  # issue 5: the support console, /admin
-    app.include_router(refunds_http.router)  # issue 5: /v1/orders/{id}/refund
+    app.include_router(orders_http.router)  # /v1/orders, /lost-code
+    app.include_router(admin.router)  # the support console, /admin
+    app.include_router(refunds_http.router)  # /v1/orders/{id}/refund
     openapi.install(app, lambda: tally.catalog.tools)
 
     @app.exception_handler(TallyError)

@@ -91,7 +91,7 @@ def email_field_error(error: InvalidEmail) -> str:
     return f"Enter one email address, such as name@example.com. {error.extra.get('reason', '')}"
 
 
-# --- webhooks -----------------------------------------------------------------------------------
+# --- webhooks -------------------------------------------------------------------------------------
 
 
 async def _ping(request: Request) -> dict[str, str]:
@@ -133,7 +133,7 @@ async def gumroad_webhook(
     return await run_in_threadpool(_gumroad_sale, tally, processor, ping, sale_id)
 
 
-# --- refunds and disputes reported by the processors (issue 5, engineer A) ------------------------
+# --- refunds and disputes reported by the processors ----------------------------------------------
 
 #: Gumroad's refund and dispute pings (docs/rules.md §4). Gumroad sends no event id: one of
 #: each kind per sale is applied, however often it arrives.
@@ -280,7 +280,7 @@ def _keep_malformed(tally: Tally, payload: bytes, error: EventMalformed) -> None
 async def _stripe_dispatch(tally: Tally, event: dict[str, Any]) -> Response:
     kind = event["type"]
     if kind in ("charge.refunded", "charge.dispute.created", "charge.dispute.closed"):
-        return await run_in_threadpool(_stripe_reversal, tally, event)  # issue 5
+        return await run_in_threadpool(_stripe_reversal, tally, event)
     if kind not in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         return _accepted(ignored=kind)
     session = event["data"]["object"]
@@ -314,7 +314,7 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
     return _accepted(order_id=done.order.id, created=done.created)
 
 
-# --- the API ------------------------------------------------------------------------------------
+# --- the API --------------------------------------------------------------------------------------
 
 
 class RedemptionIn(BaseModel):
@@ -410,7 +410,7 @@ def code_info(
     )
 
 
-# --- pages --------------------------------------------------------------------------------------
+# --- pages ----------------------------------------------------------------------------------------
 
 
 @router.get("/redeem", response_class=HTMLResponse, include_in_schema=False)
