@@ -54,8 +54,7 @@ BACKOFF_BASE: Final = 0.25
 BACKOFF_MAX: Final = 4.0
 #: Answers worth retrying with the same key: the server or database was briefly away, or the
 #: same key is still being processed by an earlier attempt.
-_RETRY_STATUSES: Final = frozenset({409, 429, 502, 503, 504, 500})
-_RETRY_CODES_409: Final = frozenset({"idempotency_key_in_use"})
+_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 
 M = TypeVar("M", bound=BaseModel)
 _ERRORS: Final = by_code()
@@ -108,14 +107,7 @@ def _error(response: httpx.Response) -> TallyError:
 
 
 def _retryable(response: httpx.Response) -> bool:
-    if response.status_code not in _RETRY_STATUSES:
-        return False
-    if response.status_code == 409:
-        try:
-            return response.json().get("code") in _RETRY_CODES_409
-        except ValueError:
-            return False
-    return True
+    return response.status_code in _RETRY_STATUSES
 
 
 def _delay(attempt: int, response: httpx.Response | None) -> float:

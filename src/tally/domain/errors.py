@@ -306,13 +306,6 @@ class IdempotencyKeyReused(TallyError):
     title = "Idempotency key reused with a different request"
 
 
-class IdempotencyKeyInUse(Conflict):
-    """Rule 5: a request with this key is being processed right now; retry shortly."""
-
-    code = "idempotency_key_in_use"
-    title = "Idempotency key in use"
-
-
 class CodeInvalidOrUsed(TallyError):
     """Rule 11: a code that is wrong, voided or used gets this one answer, which tells a
     guesser nothing. 422."""
