@@ -1,5 +1,8 @@
-"""Ledger use cases. Each validates its command, then runs in one unit of work that owns the
-commit, under the caller's idempotency key (rule 5)."""
+"""Ledger use cases. Each validates its command and hands its change to `changes.run`, under
+the caller's idempotency key (rule 5). That is why no `with uow:` appears here: with a group
+commit the change joins other callers' changes in one transaction whose leader commits them
+all (service/group_commit.py); without one, or when a batch cannot take it, `run_alone` opens
+the unit of work and commits that change alone (docs/architecture.md follows one debit)."""
 
 from __future__ import annotations
 
