@@ -158,6 +158,7 @@ def test_gumroad_pings_are_confirmed_with_the_sales_api(
     finally:
         processors.down = False
     assert unavailable.status_code == 503  # Gumroad retries 5xx
+    assert unavailable.json()["code"] == "processor_unavailable"  # not the database's fault
     retried = httpx.post(url, data=_sale(later))
     assert retried.status_code == 200
     assert retried.json()["created"] is True

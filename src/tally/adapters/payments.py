@@ -14,17 +14,19 @@ import stripe
 
 from tally.domain.catalog import Catalog, Package
 from tally.domain.commerce import Sale
-from tally.domain.errors import EventMalformed, InvalidInput, InvalidTime, SignatureInvalid
+from tally.domain.errors import (
+    EventMalformed,
+    InvalidInput,
+    InvalidTime,
+    ProcessorUnavailable,
+    SignatureInvalid,
+)
 from tally.domain.values import in_time_range, time_from_epoch
 
 HTTP_TIMEOUT_SECONDS: Final = 10.0
 STRIPE_TOLERANCE_SECONDS: Final = 300
 #: The longest event id kept with a malformed event (the column holding sale ids).
 STRIPE_ID_MAX_LENGTH: Final = 128
-
-
-class ProcessorUnavailable(Exception):
-    """The processor's API could not be asked now; the webhook answers 503 so it retries."""
 
 
 def _true(value: object) -> bool:

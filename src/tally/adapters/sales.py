@@ -13,10 +13,9 @@ import httpx
 import stripe
 
 from tally.adapters import payments
-from tally.adapters.payments import ProcessorUnavailable
 from tally.config import Settings
 from tally.domain.catalog import Catalog
-from tally.domain.errors import InvalidInput, ProcessorFailed
+from tally.domain.errors import InvalidInput, ProcessorFailed, ProcessorUnavailable
 from tally.service.reconcile import Listed, SalesSource
 
 HTTP_TIMEOUT_SECONDS: Final = 20.0

@@ -465,6 +465,16 @@ class DatabaseUnavailable(TallyError):
     title = "Database unavailable"
 
 
+class ProcessorUnavailable(TallyError):
+    """A payment processor (its API, or the sandbox's own webhook) could not be asked now.
+    503, so a processor's retry or the person's next try finds it back; never blamed on the
+    database."""
+
+    code = "processor_unavailable"
+    status = 503
+    title = "Processor unavailable"
+
+
 class InternalError(TallyError):
     """A bug: Tally broke one of its own assertions. 500; the details stay in the log."""
 

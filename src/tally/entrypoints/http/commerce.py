@@ -22,11 +22,11 @@ from tally.domain import values
 from tally.domain.commerce import Sale
 from tally.domain.errors import (
     CodeInvalidOrUsed,
-    DatabaseUnavailable,
     EventMalformed,
     InvalidEmail,
     InvalidInput,
     NotFound,
+    ProcessorUnavailable,
     RateLimited,
     TallyError,
 )
@@ -224,8 +224,8 @@ def _gumroad_sale(tally: Tally, processor: str, ping: dict[str, str], sale_id: s
         api = payments.GumroadApi(settings.gumroad_api_base, settings.gumroad_access_token)
         try:
             confirmed = api.sale(sale_id)
-        except payments.ProcessorUnavailable as error:
-            raise DatabaseUnavailable(f"Gumroad could not confirm the sale: {error}") from error
+        except ProcessorUnavailable as error:
+            raise ProcessorUnavailable(f"Gumroad could not confirm the sale: {error}") from error
         if confirmed is None:
             commerce.record_unmatched(
                 "gumroad", sale_id, "unknown to the sales API", ping, tally.uow()
@@ -295,8 +295,8 @@ def _stripe_sale(tally: Tally, session: Any) -> Response:
         items = payments.stripe_line_items(
             session, settings.stripe_api_key, settings.stripe_api_base
         )
-    except payments.ProcessorUnavailable as error:
-        raise DatabaseUnavailable(f"Stripe could not list the line items: {error}") from error
+    except ProcessorUnavailable as error:
+        raise ProcessorUnavailable(f"Stripe could not list the line items: {error}") from error
     package = payments.stripe_package(tally.catalog, session, [price for price, _ in items])
     if package is None:
         commerce.record_unmatched(
@@ -527,7 +527,7 @@ def _stripe_checkout(tally: Tally, package_id: str, email: str | None, gift: str
     try:
         session = client.checkout.sessions.create(params=params)  # type: ignore[arg-type]
     except stripe.StripeError as error:
-        raise DatabaseUnavailable(f"Stripe could not start the checkout: {error}") from error
+        raise ProcessorUnavailable(f"Stripe could not start the checkout: {error}") from error
     return str(session.url)
 
 
@@ -590,7 +590,7 @@ def sandbox_pay(
     try:
         answer = httpx.post(url, data=ping, timeout=SANDBOX_TIMEOUT_SECONDS)
     except httpx.TransportError as error:
-        raise DatabaseUnavailable(
+        raise ProcessorUnavailable(
             f"the sandbox could not reach {tally.settings.public_url}"
         ) from error
     if answer.status_code != 200:
