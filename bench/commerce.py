@@ -63,7 +63,7 @@ from tally.adapters.db.uow import SqlUnitOfWork
 from tally.bootstrap import system_clock
 from tally.domain import codes
 from tally.domain.commerce import Sale
-from tally.service import commerce
+from tally.service import commerce, issuing
 
 THREADS = 8
 HTTP_CLIENTS = 8
@@ -73,7 +73,7 @@ TARGET_FULFILMENTS = 300.0
 TOKEN = "bench-token"
 SELLER = "bench-seller"
 PEPPER = codes.pepper("bench secret")
-LINKS = commerce.Links("http://bench/redeem", "http://bench/lost-code", "bench@bench", "bench")
+LINKS = issuing.Links("http://bench/redeem", "http://bench/lost-code", "bench@bench", "bench")
 PACKAGE = builtin().packages["pro"]
 TALLY_CMD = str(Path(sys.executable).with_name("tally"))
 

@@ -20,7 +20,7 @@ from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.schema import metadata
 from tally.domain import codes
-from tally.service.commerce import Links
+from tally.service.issuing import Links
 from tally.service.ports import Email, MailTemporary
 
 POSTGRES_URL = os.environ.get(

@@ -21,8 +21,8 @@ from tally.config import Settings
 from tally.domain import codes
 from tally.domain.catalog import Catalog
 from tally.domain.errors import ConfigurationInvalid
-from tally.service.commerce import Links
 from tally.service.group_commit import GroupCommit
+from tally.service.issuing import Links
 from tally.service.ports import Clock, Mailer, RefundGateway
 
 SECRET_FILE = Path("var/secret.key")

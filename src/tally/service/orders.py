@@ -24,7 +24,7 @@ from tally.domain.errors import (
 )
 from tally.service import limits, staff
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
-from tally.service.commerce import Links, issue_code
+from tally.service.issuing import Links, issue_code
 from tally.service.ledger import PAGE_MAX, Page
 from tally.service.ports import IdempotencyRace, UnitOfWork
 

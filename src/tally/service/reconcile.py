@@ -14,7 +14,8 @@ from typing import Any, Final, Protocol
 
 from tally.domain.commerce import Sale
 from tally.domain.errors import InvalidInput, ProcessorFailed
-from tally.service.commerce import Links, fulfil
+from tally.service.commerce import fulfil
+from tally.service.issuing import Links
 from tally.service.ports import UnitOfWork
 
 #: Without --since, a run looks this far back: the worker's hourly run overlaps the last

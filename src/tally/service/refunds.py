@@ -37,7 +37,7 @@ from tally.domain.errors import (
     RefundWindowPassed,
 )
 from tally.domain.model import REASON_MAX_LENGTH, Account, HoldStatus, Origin, check_reason
-from tally.service import commerce, staff
+from tally.service import issuing, staff
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.ports import (
     IdempotencyRace,
@@ -80,7 +80,7 @@ def refund_order(
     *,
     gateway: RefundGateway,
     window_days: int,
-    links: commerce.Links,
+    links: issuing.Links,
     catalog: Catalog | None = None,
 ) -> Order:
     """Refund an order in full through its processor, when rule 9 allows it.
@@ -269,7 +269,7 @@ def _give_back(
     now: datetime,
     origin: Origin,
     pepper: bytes,
-    links: commerce.Links,
+    links: issuing.Links,
     package_name: str,
     fulfilling: bool,
 ) -> tuple[Order, ProcessorEvent, int]:
@@ -326,7 +326,7 @@ def _give_back(
     ):
         # The dispute voided the unredeemed code, or came before the sale so none was made.
         first = not codes
-        commerce.issue_code(
+        issuing.issue_code(
             order,
             ("gift_code" if order.gifter_email else "purchase_code")
             if first
@@ -403,7 +403,7 @@ def record_event(
     uow: UnitOfWork,
     *,
     pepper: bytes,
-    links: commerce.Links,
+    links: issuing.Links,
     catalog: Catalog,
 ) -> str:
     """Apply a refund or dispute once however often it is reported: `applied`, `pending`
@@ -444,7 +444,7 @@ def apply_pending(
     uow: UnitOfWork,
     *,
     pepper: bytes,
-    links: commerce.Links,
+    links: issuing.Links,
     package_name: str,
     now: datetime,
 ) -> Order:
@@ -477,7 +477,7 @@ def _apply(
     *,
     now: datetime,
     pepper: bytes,
-    links: commerce.Links,
+    links: issuing.Links,
     package_name: str,
     catalog: Catalog | None = None,
     fulfilling: bool = False,
@@ -608,7 +608,7 @@ def _refund_email(
     taken: Taken,
     uow: UnitOfWork,
     *,
-    links: commerce.Links,
+    links: issuing.Links,
     catalog: Catalog | None,
     now: datetime,
     cause: str,
