@@ -27,7 +27,7 @@ import httpx
 from pydantic import BaseModel
 
 from tally.domain.errors import TallyError, by_code
-from tally.entrypoints.http.schemas import (
+from tally.schemas import (
     AccountOut,
     BalanceOut,
     DebitOut,

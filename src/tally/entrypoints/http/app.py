@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from tally import logs
+from tally import logs, schemas
 from tally.bootstrap import Tally, bootstrap
 from tally.domain.errors import (
     InternalError,
@@ -26,7 +26,7 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.domain.values import IDEMPOTENCY_KEY_MAX_LENGTH, MAX_AMOUNT
-from tally.entrypoints.http import admin, commerce, openapi, schemas, v1
+from tally.entrypoints.http import admin, commerce, openapi, v1
 from tally.entrypoints.http import orders as orders_http
 from tally.entrypoints.http import refunds as refunds_http
 from tally.entrypoints.http.edge import PROBLEM_JSON, Edge, note_rate_limited, problem_body

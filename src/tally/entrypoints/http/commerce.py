@@ -15,6 +15,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from tally import schemas
 from tally.adapters import payments
 from tally.adapters.mail import MailboxSender
 from tally.bootstrap import Tally
@@ -31,7 +32,6 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.domain.keys import Principal
-from tally.entrypoints.http import schemas
 from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import (
     ERRORS,

@@ -11,11 +11,11 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from tally import schemas
 from tally.bootstrap import Tally
 from tally.domain import values
 from tally.domain.errors import IdempotencyKeyRequired
 from tally.domain.keys import Principal
-from tally.entrypoints.http import schemas
 from tally.entrypoints.views import (
     account_view,
     balance_view,

@@ -1,4 +1,6 @@
-"""Request and response bodies of the HTTP API v1 (docs/rules.md §3), as pydantic models.
+"""Request and response bodies of the HTTP API v1 (docs/rules.md §3), as pydantic models:
+the server validates with them and the SDK (tally.client) reads with them, so this module
+needs pydantic and the domain's constants only.
 
 Requests are strict: unknown fields, floats and strings where credits go are refused (rule 1).
 Responses are documented here for /openapi.json; the handlers send the view dicts of
