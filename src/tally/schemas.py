@@ -13,14 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from tally.domain.model import MAX_HOLD_TTL_SECONDS
+from tally.domain.model import MAX_HOLD_TTL_SECONDS, REASON_MAX_LENGTH
 from tally.domain.values import MAX_AMOUNT
 
 Credits = Annotated[
     StrictInt, Field(ge=1, le=MAX_AMOUNT, description=f"whole credits, 1 to {MAX_AMOUNT}")
 ]
 Quantity = Annotated[StrictInt, Field(ge=1, le=1_000_000, description="units of the tool")]
-Reason = Annotated[str, Field(min_length=1, max_length=500)]
+Reason = Annotated[str, Field(min_length=1, max_length=REASON_MAX_LENGTH)]
 Metadata = Annotated[dict[str, Any], Field(description="at most 4 KiB of JSON")]
 Time = Annotated[str, Field(description="RFC 3339 time in UTC", examples=["2026-01-01T00:00:00Z"])]
 Source = Literal["purchase", "gift", "membership", "promotional", "support", "refund"]

@@ -37,6 +37,7 @@ from tally.domain.errors import (
     OrderReversed,
     RateLimited,
 )
+from tally.domain.model import REASON_MAX_LENGTH
 from tally.service import commerce, ledger, orders
 from tally.service.ports import Email
 from tests.conftest import DATABASES
@@ -144,7 +145,7 @@ def test_refusals(db: Database, uow: SqlUnitOfWork, clock: FakeClock) -> None:
         _reissue(uow, "ord_00000000000000000000000000", key="")
     order = _buy(uow, clock)
     with pytest.raises(InvalidInput):
-        _reissue(uow, order.id, reason="x" * (orders.REASON_MAX + 1))
+        _reissue(uow, order.id, reason="x" * (REASON_MAX_LENGTH + 1))
 
     _redeem(uow, _code_in(_deliver(uow)[0]))
     with pytest.raises(CodeAlreadyRedeemed) as redeemed:

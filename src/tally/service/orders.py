@@ -22,6 +22,7 @@ from tally.domain.errors import (
     OrderNotFound,
     OrderReversed,
 )
+from tally.domain.model import REASON_MAX_LENGTH
 from tally.service import limits, staff
 from tally.service.changes import LOCAL_SCOPE, Command, adapter, fingerprint
 from tally.service.issuing import Links, issue_code
@@ -29,7 +30,6 @@ from tally.service.ledger import PAGE_MAX, Page
 from tally.service.ports import IdempotencyRace, UnitOfWork
 
 #: The longest reason kept with a reissue.
-REASON_MAX: Final = 500
 #: /lost-code: attempts per client address per hour (every attempt counts, matched or not,
 #: so the limit says nothing about which pairs exist), and at most one new code per order
 #: per LOST_CODE_ORDER_WINDOW however often its pair is entered.
@@ -120,7 +120,7 @@ def reissue_code(
     expired: a new code could not be redeemed) and CodeAlreadyRedeemed; a
     replay of a key that succeeded answers its stored order, whatever happened since."""
     key = values.idempotency_key(cmd.idempotency_key)
-    reason = _text(cmd.reason, "reason", REASON_MAX)
+    reason = _text(cmd.reason, "reason", REASON_MAX_LENGTH)
     scope = cmd.platform_id or LOCAL_SCOPE
     request_hash = fingerprint(cmd)
     with uow:

@@ -402,7 +402,6 @@ def order_view(order_id: str, uow: UnitOfWork) -> OrderView:
 
 #: What `staff_actions` records: every console action that changes an order or an email.
 STAFF_ACTIONS: Final = ("resend", "refund", "reissue")
-_ACTION_REASON_MAX: Final = 500
 
 
 def record_action(
@@ -429,7 +428,7 @@ def record_action(
         staff_id=platform_id,
         action=action,
         subject=subject,
-        reason=text[:_ACTION_REASON_MAX],
+        reason=text[:REASON_MAX_LENGTH],
         idempotency_key=idempotency_key,
         now=now,
     )

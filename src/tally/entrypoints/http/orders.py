@@ -14,6 +14,7 @@ from tally.domain import values
 from tally.domain.commerce import Order
 from tally.domain.errors import InvalidEmail, RateLimited
 from tally.domain.keys import Principal
+from tally.domain.model import REASON_MAX_LENGTH
 from tally.entrypoints.http.commerce import _page, email_field_error
 from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import (
@@ -107,7 +108,7 @@ class OrderList(BaseModel):
 class ReissueIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: Annotated[str | None, Field(max_length=orders.REASON_MAX)] = None
+    reason: Annotated[str | None, Field(max_length=REASON_MAX_LENGTH)] = None
 
 
 @router.get("/v1/orders", response_model=OrderList, tags=["orders"], responses=ERRORS)
