@@ -6,11 +6,12 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -20,6 +21,7 @@ from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database, connect
 from tally.adapters.db.schema import metadata
 from tally.domain import codes
+from tally.service.group_commit import GroupCommit
 from tally.service.issuing import Links
 from tally.service.ports import Email, MailTemporary
 
@@ -227,3 +229,37 @@ class Outbox:
         if self.down:
             raise MailTemporary("connection refused")
         self.sent.append(email)
+
+
+# --- the group commit: calls forced into one batch -------------------------------------------
+
+
+def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Queue every call behind a pretend leader, in order, then let the first lead them all."""
+    with group._lock:
+        group._leaders = group._max_leaders  # every lead taken: callers queue
+    results: list[Any] = [None] * len(calls)
+
+    def call(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except Exception as error:
+            results[index] = error
+
+    threads = []
+    for index in range(len(calls)):
+        thread = threading.Thread(target=call, args=(index,))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 10
+        while len(group._queue) < index + 1:
+            assert time.monotonic() < deadline, "a caller never queued"
+            time.sleep(0.001)
+    batches = group.batches
+    with group._lock:
+        group._queue[0].decide("lead")  # the pretend leader hands its lead on
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert group.batches == batches + 1, "the calls must have run as one batch"
+    return results

@@ -25,42 +25,12 @@ from tally.domain.model import Debit, Lot
 from tally.service import ledger, platforms
 from tally.service.changes import run_async
 from tally.service.group_commit import GroupCommit
-from tests.support import FakeClock
+from tests.support import FakeClock, one_batch
 
 
 def grouped(db: Database, clock: FakeClock) -> tuple[GroupCommit, SqlUnitOfWork]:
     group = GroupCommit(lambda: SqlUnitOfWork(db, clock))
     return group, SqlUnitOfWork(db, clock, group)
-
-
-def one_batch(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
-    """Queue every call behind a pretend leader, in order, then let the first lead them all."""
-    with group._lock:
-        group._leaders = group._max_leaders  # every lead taken: callers queue
-    results: list[Any] = [None] * len(calls)
-
-    def call(index: int) -> None:
-        try:
-            results[index] = calls[index]()
-        except Exception as error:
-            results[index] = error
-
-    threads = []
-    for index in range(len(calls)):
-        thread = threading.Thread(target=call, args=(index,))
-        thread.start()
-        threads.append(thread)
-        deadline = time.monotonic() + 10
-        while len(group._queue) < index + 1:
-            assert time.monotonic() < deadline, "a caller never queued"
-            time.sleep(0.001)
-    batches = group.batches
-    with group._lock:
-        group._queue[0].decide("lead")  # the pretend leader hands its lead on
-    for thread in threads:
-        thread.join(timeout=30)
-    assert group.batches == batches + 1, "the calls must have run as one batch"
-    return results
 
 
 def committed_together(group: GroupCommit) -> None:

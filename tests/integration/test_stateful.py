@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import secrets
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -58,7 +57,7 @@ from tally.domain.model import Debit, Entry, EntryType, Hold, HoldStatus, Lot, N
 from tally.service import ledger
 from tally.service.changes import Command
 from tally.service.group_commit import GroupCommit
-from tests.support import FakeClock
+from tests.support import FakeClock, one_batch
 
 FAR = datetime.max.replace(tzinfo=UTC)
 ACCOUNTS = 3
@@ -600,39 +599,20 @@ class Turnstile:
         return SqlUnitOfWork(self.database, self.clock)
 
     def run(self, group: GroupCommit, calls: Sequence[Callable[[], Any]]) -> list[Any]:
-        """Queue every call behind a pretend leader, in order, then let the first lead."""
+        """Queue every call behind a pretend leader, in order, then let the first lead; each
+        records when it was answered, so changes run alone afterwards keep the batch's order."""
         self.answered = set()
-        with group._lock:
-            group._leaders = group._max_leaders  # every lead taken: callers queue
-        answers: list[Any] = [None] * len(calls)
 
-        def call(index: int) -> None:
+        def numbered(index: int, call: Callable[[], Any]) -> Any:
             self.local.index = index
             try:
-                answers[index] = calls[index]()
-            except Exception as error:
-                answers[index] = error
+                return call()
             finally:
                 with self.changed:
                     self.answered.add(index)
                     self.changed.notify_all()
 
-        threads = []
-        for index in range(len(calls)):
-            thread = threading.Thread(target=call, args=(index,))
-            thread.start()
-            threads.append(thread)
-            deadline = time.monotonic() + 10
-            while len(group._queue) < index + 1:
-                assert time.monotonic() < deadline, "a caller never queued"
-                time.sleep(0.0005)
-        batches = group.batches
-        with group._lock:
-            group._queue[0].decide("lead")  # the pretend leader hands its lead on
-        for thread in threads:
-            thread.join(timeout=60)
-            assert not thread.is_alive()
-        assert group.batches == batches + 1, "the calls must have run as one batch"
+        answers = one_batch(group, [partial(numbered, n, call) for n, call in enumerate(calls)])
         assert (group._active, group._queue) == (0, [])
         return answers
 

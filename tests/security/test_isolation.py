@@ -16,9 +16,9 @@ from tally.adapters.db.uow import SqlUnitOfWork
 from tally.domain.errors import HoldNotFound
 from tally.service import ledger
 from tests.conftest import DATABASES
-from tests.integration.test_group_commit import committed_together, grouped, one_batch
+from tests.integration.test_group_commit import committed_together, grouped
 from tests.security.conftest import Shop
-from tests.support import FakeClock, database
+from tests.support import FakeClock, database, one_batch
 
 ACCOUNT = "shared-wallet"
 #: Well-formed, and no hold has it.

@@ -18,9 +18,9 @@ from tally.domain.errors import BalanceLimitExceeded, DatabaseUnavailable
 from tally.domain.model import MAX_ACCOUNT_CREDITS, Account, Origin
 from tally.entrypoints.http import metrics
 from tally.service import ledger, staff
-from tests.integration.test_group_commit import committed_together, grouped, one_batch
+from tests.integration.test_group_commit import committed_together, grouped
 from tests.security.conftest import MakeShop, Shop
-from tests.support import FakeClock
+from tests.support import FakeClock, one_batch
 
 LIMIT = 2**53
 ORIGIN = Origin("fill", "plt_fill")
