@@ -207,7 +207,9 @@ def redeem(
             order = None if code is None else uow.commerce.order(code.order_id)
             # The same request, sent again while the first held the code's lock, finds the
             # code redeemed: the first one's stored answer, committed meanwhile, is its answer.
-            again = None if code is None else _stored_redemption(uow, scope, key, request_hash)
+            # Only a code already taken needs the second look, so a redemption costs no read.
+            taken = code is not None and code.status is not CodeStatus.ISSUED
+            again = _stored_redemption(uow, scope, key, request_hash) if taken else None
             if again is not None:
                 return again
             if (
