@@ -48,11 +48,11 @@ def _time(value: object, default: datetime) -> datetime:
 _INT_DIGITS: Final = 16
 
 
-def _int(value: object, default: int, name: str) -> int:
+def ping_number(ping: Mapping[str, str], name: str, default: int | None = None) -> int:
     """A ping's whole number: `default` when absent; else ASCII digits only (`int()` fails on
     a superscript digit and reads Arabic-Indic ones), or InvalidInput: kept, never guessed."""
-    text = str(value).strip() if value is not None else ""
-    if not text:
+    text = (ping.get(name) or "").strip()
+    if not text and default is not None:
         return default
     if not (text.isascii() and text.isdigit() and len(text) <= _INT_DIGITS):
         raise InvalidInput(f"the ping's {name} is not a whole number")
@@ -95,8 +95,8 @@ def gumroad_sale(
         package=package,
         email=email,
         purchased_at=_time(ping.get("sale_timestamp"), now),
-        quantity=max(1, _int(ping.get("quantity"), 1, "quantity")),
-        price=_int(ping.get("price"), 0, "price"),
+        quantity=max(1, ping_number(ping, "quantity", 1)),
+        price=ping_number(ping, "price", 0),
         currency=(ping.get("currency") or "usd").upper()[:3],
         order_number=ping.get("order_number") or None,
         gifter_email=gifter if is_gift else None,

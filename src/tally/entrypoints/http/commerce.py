@@ -147,10 +147,7 @@ def _gumroad_reversal(
     refunded = None  # the whole sale, unless Gumroad says a part, and how much in all
     partial = ping.get("partially_refunded", "").lower() == "true"
     if resource == "refund" and partial and ping.get("refunded", "").lower() != "true":
-        cents = ping.get("amount_refunded_in_cents", "").strip()
-        if not (cents.isascii() and cents.isdigit() and len(cents) <= 16):
-            raise InvalidInput("a partial refund ping names no amount_refunded_in_cents")
-        refunded = int(cents)
+        refunded = payments.ping_number(ping, "amount_refunded_in_cents")
         key = f"{key}:{refunded}"  # each partial refund is its own running total
     event = refunds.new_event(
         processor=processor,
