@@ -157,6 +157,11 @@ def date_in_words(when: datetime | None) -> str | None:
     return f"{day.day} {day:%B %Y}"
 
 
+def time_in_words(when: datetime) -> str:
+    """A UTC instant to the minute, its day in words: "7 December 2026, 06:27 UTC"."""
+    return f"{date_in_words(when)}, {when.astimezone(UTC):%H:%M} UTC"
+
+
 def as_sentence(detail: str) -> str:
     """An error's detail shown on a page: a capital first letter and a full stop."""
     text = detail.strip()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
-from datetime import UTC
 from typing import Annotated, Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -33,7 +32,7 @@ from tally.domain.errors import (
 )
 from tally.entrypoints.http.edge import note_rate_limited, peer_address
 from tally.entrypoints.http.v1 import tally_dependency
-from tally.entrypoints.views import lot_status
+from tally.entrypoints.views import lot_status, time_in_words
 from tally.service import ledger, orders, refunds, staff
 from tally.service.ports import DayTotals
 from tally.service.staff import StaffSession
@@ -341,8 +340,7 @@ def pings(request: Request, tally: App) -> Response:
     shown = [
         {
             "ping": ping,
-            "when": f"{ping.created_at.astimezone(UTC).day} "
-            f"{ping.created_at.astimezone(UTC):%B %Y, %H:%M} UTC",
+            "when": time_in_words(ping.created_at),
             "payload": json.dumps(ping.payload, indent=2, sort_keys=True, ensure_ascii=True),
         }
         for ping in kept
