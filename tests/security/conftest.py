@@ -6,6 +6,7 @@ builds one with other settings (production, another processor, other limits)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import stripe
 
 from tally.adapters.catalog_file import builtin
 from tally.adapters.db.engine import Database
@@ -85,6 +87,17 @@ class Shop:
         commerce.deliver_mail(tally.uow(), mail, Templates(), tally.links)
         (email,) = mail.sent
         return next(word for word in email.text.split() if codes.normalise(word) is not None)
+
+    def stripe_event(self, payload: object, secret: str) -> httpx.Response:
+        """`payload` (JSON, or text sent as it is) posted to the Stripe webhook, signed as
+        Stripe signs it, by Stripe's own library."""
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        header = stripe.WebhookSignature.generate_signature_header(body, secret)
+        return self.client.post(
+            "/webhooks/stripe",
+            content=body,
+            headers={"Stripe-Signature": header, "Content-Type": "application/json"},
+        )
 
 
 MakeShop = Callable[..., Shop]

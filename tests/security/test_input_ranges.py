@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 import pytest
-import stripe
 from sqlalchemy import select
 
 from tally.adapters.db.schema import unmatched_pings
@@ -137,16 +136,6 @@ def _event(event_id: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def _send(shop: Shop, payload: object) -> httpx.Response:
-    body = payload if isinstance(payload, str) else json.dumps(payload)
-    header = stripe.WebhookSignature.generate_signature_header(body, STRIPE_SECRET)
-    return shop.client.post(
-        "/webhooks/stripe",
-        content=body,
-        headers={"Stripe-Signature": header, "Content-Type": "application/json"},
-    )
-
-
 def _kept(shop: Shop) -> list[tuple[str | None, str, Any]]:
     with shop.tally.database.engine.connect() as connection:
         rows = connection.execute(
@@ -197,7 +186,7 @@ def test_a_signed_malformed_stripe_event_is_a_400_kept_for_support(
     stripe_shop: Shop, case: str
 ) -> None:
     event = MALFORMED[case]
-    body = _problem(_send(stripe_shop, event), 400, "event_malformed")
+    body = _problem(stripe_shop.stripe_event(event, STRIPE_SECRET), 400, "event_malformed")
     assert body["title"] == "Event malformed"
     [(sale_id, reason, payload)] = _kept(stripe_shop)
     assert (sale_id, payload) == (event["id"], event)
@@ -205,7 +194,7 @@ def test_a_signed_malformed_stripe_event_is_a_400_kept_for_support(
 
 
 def test_a_signed_event_that_is_not_json_is_a_400_kept_for_support(stripe_shop: Shop) -> None:
-    _problem(_send(stripe_shop, "{not json"), 400, "event_malformed")
+    _problem(stripe_shop.stripe_event("{not json", STRIPE_SECRET), 400, "event_malformed")
     assert _kept(stripe_shop) == [(None, "malformed: the event is not JSON", {"body": "{not json"})]
 
 
@@ -222,7 +211,7 @@ def test_a_well_formed_event_at_the_edges_is_fulfilled(stripe_shop: Shop) -> Non
         line_items={"data": [{"price": {"id": "price_popular"}, "quantity": 1}]},
         created=1_767_225_600,
     )
-    answer = _send(stripe_shop, _event("evt_fine", data={"object": session}))
+    answer = stripe_shop.stripe_event(_event("evt_fine", data={"object": session}), STRIPE_SECRET)
     assert answer.status_code == 200, answer.text
     assert answer.json()["created"] is True
     assert _kept(stripe_shop) == []
