@@ -169,20 +169,23 @@ class Worker:
         isolated): {job: completed}."""
         done = {}
         for job in JOBS:
-            schedule = self._schedules.get(job)
-            now = self.tally.clock()
-            if schedule is not None and schedule.due(now):
-                schedule.ran(now)
-                done[job] = self.run_job(job)
+            completed = self._run_if_due(job)
+            if completed is not None:
+                done[job] = completed
         return done
 
+    def _run_if_due(self, job: str) -> bool | None:
+        """Run `job` if its time has come (by Tally's clock): whether it completed, or None."""
+        schedule = self._schedules.get(job)
+        now = self.tally.clock()
+        if schedule is None or not schedule.due(now):
+            return None
+        schedule.ran(now)
+        return self.run_job(job)
+
     def _loop(self, job: str) -> None:
-        schedule = self._schedules[job]
         while not self._stop.is_set():
-            now = self.tally.clock()
-            if schedule.due(now):
-                schedule.ran(now)
-                self.run_job(job)
+            self._run_if_due(job)
             self._stop.wait(self.every)
 
     def start(self) -> None:
